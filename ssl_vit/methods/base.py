@@ -140,3 +140,32 @@ class ScheduledModule(pl.LightningModule):
                 if group.get("apply_wd", True):
                     group["weight_decay"] = wd
         self.log_dict({"train/lr": lr, "train/wd": wd}, on_step=True, on_epoch=False, batch_size=1)
+
+
+# Every ssl_vit Lightning checkpoint carries this entry, so that `load_backbone` can rebuild the
+# backbone with no other information: {"method", "arch", "backbone_kwargs", "backbones", "default"}.
+CHECKPOINT_KEY = "ssl_vit"
+
+
+def backbone_metadata(
+    method: str, arch: str, backbone_kwargs: Dict, backbones: Dict[str, str], default: str
+) -> Dict:
+    """The ``checkpoint["ssl_vit"]`` entry.
+
+    Args:
+        method: ``"mae"``, ``"dino"``, ``"probe"``, ``"finetune"``.
+        arch: the ``create_backbone`` name.
+        backbone_kwargs: the ``create_backbone`` keyword arguments (``img_size``, ``pos_embed``...).
+        backbones: role -> state-dict prefix of that backbone, e.g. ``{"teacher": "teacher.backbone.",
+            "student": "student.backbone."}``.
+        default: the role ``load_backbone`` returns when none is asked for.
+    """
+    if default not in backbones:
+        raise ValueError(f"default backbone {default!r} is not one of {sorted(backbones)}")
+    return {
+        "method": method,
+        "arch": arch,
+        "backbone_kwargs": dict(backbone_kwargs),
+        "backbones": dict(backbones),
+        "default": default,
+    }
