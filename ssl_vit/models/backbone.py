@@ -103,16 +103,19 @@ def create_backbone(
     if img_size is not None:
         kwargs["img_size"] = img_size
     timm_name, timm_kwargs = resolve_arch(name, **kwargs)
-    model = timm.create_model(
-        timm_name,
-        pretrained=False,
-        num_classes=0,
-        pos_embed="none" if pos_embed == "none" else "learn",
-        global_pool=global_pool,
-        drop_path_rate=drop_path_rate,
-        dynamic_img_size=dynamic_img_size,
-        **timm_kwargs,
-    )
+    try:
+        model = timm.create_model(
+            timm_name,
+            pretrained=False,
+            num_classes=0,
+            pos_embed="none" if pos_embed == "none" else "learn",
+            global_pool=global_pool,
+            drop_path_rate=drop_path_rate,
+            dynamic_img_size=dynamic_img_size,
+            **timm_kwargs,
+        )
+    except TypeError as err:  # another model family rejects the ViT keyword arguments
+        raise ValueError(f"{name!r} is not a timm VisionTransformer, or takes other arguments: {err}") from err
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer")
     if pos_embed == "sincos":
