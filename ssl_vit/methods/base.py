@@ -109,6 +109,10 @@ class ScheduledModule(pl.LightningModule):
             return self.total_steps / trainer.max_epochs
         batches = trainer.num_training_batches
         if not math.isfinite(batches):
+            # Under max_steps, estimated_stepping_batches does not load the data: do it (as it would).
+            trainer.fit_loop.setup_data()
+            batches = trainer.num_training_batches
+        if not math.isfinite(batches):
             raise ValueError("the training dataloader has no length: set trainer.max_epochs")
         return max(batches // trainer.accumulate_grad_batches, 1)
 
