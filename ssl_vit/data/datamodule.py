@@ -1,0 +1,342 @@
+"""LightningDataModules: webdataset shards (:class:`ShardDataModule`) or an ImageFolder tree
+(:class:`ImageFolderDataModule`), with one interface and one small base.
+
+Batches are ``(images, labels)``: ``images`` a float tensor ``[B, C, H, W]``, or a list of such
+tensors (one per view) when the transform returns a list; ``labels`` a LongTensor ``[B]`` (-1 where
+a shard has no ``.cls``). Both expose ``batch_size``, ``classes``, ``num_classes`` and
+``num_train_samples``.
+
+Rank and world size come from ``torch.distributed`` when it is initialised, else from the
+``rank``/``world_size`` arguments (to simulate a rank), else 0/1. The shuffle of epoch ``e`` is seeded
+by ``seed + e``; under a Trainer ``e`` is ``trainer.current_epoch``, read each time the train loader
+starts an epoch, otherwise the value given to :meth:`set_epoch`. DataLoader workers are not persistent,
+so each epoch's workers see the new epoch.
+"""
+import logging
+import math
+from typing import Any, Callable, List, Optional, Tuple, Union
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from ssl_vit.data.pipeline import (
+    MIN_CHECKED_SAMPLES,
+    CorruptCounter,
+    CorruptSampleError,
+    ShardInfo,
+    ShardStream,
+    load_shard_info,
+    open_image,
+)
+from ssl_vit.data.shards import list_image_folder
+from ssl_vit.data.transforms import EvalTransform, PretrainTransform
+
+logger = logging.getLogger(__name__)
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that tells its dataset the epoch each time an epoch starts."""
+
+    def __init__(self, dataset: ShardStream, epoch_fn: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.epoch_fn())
+        return super().__iter__()
+
+
+class _BaseDataModule(pl.LightningDataModule):
+    """What both DataModules share: arguments, transforms, rank/epoch lookup, loader options."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int,
+        train_transform: Optional[Callable],
+        val_transform: Optional[Callable],
+        seed: int,
+        max_corrupt_fraction: float,
+        pin_memory: bool,
+        rank: Optional[int],
+        world_size: Optional[int],
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0 <= max_corrupt_fraction <= 1:
+            raise ValueError(f"max_corrupt_fraction must be in [0, 1], got {max_corrupt_fraction}")
+        if world_size is not None and world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if rank is not None and not 0 <= rank < (world_size or 1):
+            raise ValueError(f"rank must be in [0, world_size={world_size or 1}), got {rank}")
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.train_transform = PretrainTransform() if train_transform is None else train_transform
+        self.val_transform = EvalTransform() if val_transform is None else val_transform
+        self.max_corrupt_fraction, self.pin_memory = max_corrupt_fraction, pin_memory
+        self._rank, self._world_size = rank, world_size
+        self._epoch = 0
+
+    # -- subclasses provide these -----------------------------------------------------------------
+    def _train_meta(self) -> Tuple[List[str], int]:
+        """``(classes, number of training samples)``."""
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------------
+    @property
+    def classes(self) -> List[str]:
+        """Class names in label order (empty when the data has none)."""
+        return self._train_meta()[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_train_samples(self) -> int:
+        return self._train_meta()[1]
+
+    def dist_info(self) -> Tuple[int, int]:
+        """``(rank, world_size)`` of this process."""
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return self._rank or 0, self._world_size or 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch seeding the shuffle when no Trainer is attached."""
+        self._epoch = int(epoch)
+
+    def current_epoch(self) -> int:
+        trainer = self.trainer
+        return trainer.current_epoch if trainer is not None else self._epoch
+
+    def _loader_kwargs(self) -> dict:
+        return dict(
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+
+    @staticmethod
+    def _check_classes(train: List[str], val: List[str], where: str) -> None:
+        if train and val and train != val:
+            raise ValueError(f"the classes of the validation data {where} differ from the training classes")
+
+
+class ShardDataModule(_BaseDataModule):
+    """Streams webdataset shards written by ``tools/make_shards.py`` (see :mod:`ssl_vit.data.pipeline`).
+
+    Args:
+        train: training shards: a path, brace pattern (``/d/train-{000000..000127}.tar``), ``::`` list
+            or any URL webdataset opens (``pipe:aws s3 cp s3://b/train-000000.tar -``, ``https://...``).
+        val: validation shards, same forms (optional).
+        train_info: the training info JSON; default ``<dirname>/<NAME>.json`` of the first shard.
+            Required for ``pipe:`` URLs.
+        val_info: the same for ``val``.
+        batch_size: per-device batch size.
+        num_workers: DataLoader workers per rank.
+        train_transform: PIL image -> tensor or list of tensors (default ``PretrainTransform()``).
+        val_transform: PIL image -> tensor (default ``EvalTransform()``).
+        resampled: draw training shards with replacement (many nodes, few shards).
+        seed: shard-order and shuffle seed (plus the epoch).
+        shuffle_buffer: samples in each reader's shuffle buffer.
+        max_corrupt_fraction: tolerated fraction of corrupt samples per reader.
+        pin_memory: pin batches (when CUDA is available).
+        rank: this process's rank when ``torch.distributed`` is not initialised.
+        world_size: the number of ranks when ``torch.distributed`` is not initialised.
+    """
+
+    def __init__(
+        self,
+        train: str,
+        val: Optional[str] = None,
+        train_info: Optional[str] = None,
+        val_info: Optional[str] = None,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        train_transform: Optional[Callable] = None,
+        val_transform: Optional[Callable] = None,
+        resampled: bool = False,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        max_corrupt_fraction: float = 0.01,
+        pin_memory: bool = True,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction, pin_memory, rank, world_size
+        )
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        self.train, self.val, self.train_info, self.val_info = train, val, train_info, val_info
+        self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
+        self._infos: dict = {}
+
+    def _info(self, which: str) -> ShardInfo:
+        if which not in self._infos:
+            shards, info = (self.train, self.train_info) if which == "train" else (self.val, self.val_info)
+            self._infos[which] = load_shard_info(shards, info)
+        return self._infos[which]
+
+    def _train_meta(self) -> Tuple[List[str], int]:
+        info = self._info("train")
+        return info.classes, info.num_samples
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self._info("train")
+        if self.val is not None:
+            self._check_classes(self.classes, self._info("val").classes, f"({self._info('val').info_path})")
+
+    def _stream(self, which: str, train: bool) -> ShardStream:
+        rank, world_size = self.dist_info()
+        return ShardStream(
+            self._info(which),
+            self.train_transform if train else self.val_transform,
+            self.batch_size,
+            train=train,
+            rank=rank,
+            world_size=world_size,
+            num_workers=self.num_workers,
+            resampled=self.resampled,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            max_corrupt_fraction=self.max_corrupt_fraction,
+            num_classes=self.num_classes,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """``len()`` is the number of (full) batches per epoch on this rank, equal on every rank."""
+        return _EpochLoader(self._stream("train", train=True), self.current_epoch, **self._loader_kwargs())
+
+    def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
+        """Every validation sample once (padded to equal counts per rank, see pipeline); [] without val."""
+        if self.val is None:
+            return []
+        self.setup()
+        return DataLoader(self._stream("val", train=False), **self._loader_kwargs())
+
+
+class _ImageFiles(Dataset):
+    """``(transform(image), label)`` of an ImageFolder listing; an unreadable file is logged, counted
+    and replaced by the next readable one (so batches keep their size)."""
+
+    def __init__(self, root: str, max_corrupt_fraction: float, transform: Optional[Callable] = None) -> None:
+        self.root, self.transform = root, transform
+        self.classes, self.items = list_image_folder(root)
+        if not self.items:
+            raise ValueError(f"no files under the class folders of {root!r}")
+        self.max_corrupt_fraction, self.min_checked = max_corrupt_fraction, MIN_CHECKED_SAMPLES
+        self.counter: Optional[CorruptCounter] = None  # one per process (each worker has its copy)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        if self.counter is None:
+            info = torch.utils.data.get_worker_info()
+            where = f"{self.root} worker {0 if info is None else info.id}"
+            self.counter = CorruptCounter(self.max_corrupt_fraction, where, self.min_checked)
+        for step in range(len(self.items)):
+            path, label = self.items[(index + step) % len(self.items)]
+            try:
+                with open(path, "rb") as f:
+                    image = open_image(f.read()).convert("RGB")
+            except (OSError, CorruptSampleError) as exc:
+                self.counter.bad(path, path, str(exc))
+                continue
+            self.counter.good()
+            return (image if self.transform is None else self.transform(image)), label
+        raise RuntimeError(f"no readable image under {self.root!r}")
+
+
+class ImageFolderDataModule(_BaseDataModule):
+    """The same interface over ImageFolder trees (``root/<class>/<image>``), for data not yet sharded.
+
+    Files that cannot be decoded (JPEG/PNG/WEBP only, as in the shards) are logged, counted and
+    replaced by the next readable file; ``max_corrupt_fraction`` applies per DataLoader worker, checked
+    once it has read ``min(100, its share of the epoch)`` files. Training batches are full
+    (``drop_last``); shuffling uses ``seed`` (and ``DistributedSampler`` with ``seed`` on several ranks).
+
+    Args:
+        train: training ImageFolder root.
+        val: validation ImageFolder root (optional).
+        batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction,
+        pin_memory, rank, world_size: as for :class:`ShardDataModule`.
+    """
+
+    def __init__(
+        self,
+        train: str,
+        val: Optional[str] = None,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        train_transform: Optional[Callable] = None,
+        val_transform: Optional[Callable] = None,
+        seed: int = 0,
+        max_corrupt_fraction: float = 0.01,
+        pin_memory: bool = True,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction, pin_memory, rank, world_size
+        )
+        self.train, self.val = train, val
+        self._datasets: dict = {}
+        self._samplers: list = []
+
+    def _dataset(self, which: str) -> _ImageFiles:
+        if which not in self._datasets:
+            _, world_size = self.dist_info()
+            dataset = _ImageFiles(self.train if which == "train" else self.val, self.max_corrupt_fraction)
+            # A small epoch is judged whole: check once a worker has read its share of it.
+            dataset.min_checked = min(MIN_CHECKED_SAMPLES, math.ceil(len(dataset) / (world_size * max(1, self.num_workers))))
+            self._datasets[which] = dataset
+        return self._datasets[which]
+
+    def _train_meta(self) -> Tuple[List[str], int]:
+        dataset = self._dataset("train")
+        return dataset.classes, len(dataset)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self._dataset("train")
+        if self.val is not None:
+            self._check_classes(self.classes, self._dataset("val").classes, f"({self.val})")
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        for sampler in self._samplers:
+            sampler.set_epoch(epoch)
+
+    def _loader(self, which: str, train: bool) -> DataLoader:
+        dataset = self._dataset(which)
+        dataset.transform = self.train_transform if train else self.val_transform
+        rank, world_size = self.dist_info()
+        if world_size > 1:
+            sampler: Any = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=self.seed)
+            sampler.set_epoch(self.current_epoch())
+            self._samplers.append(sampler)
+        elif train:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed + self.current_epoch()))
+        else:
+            sampler = SequentialSampler(dataset)
+        if train and math.ceil(len(dataset) / world_size) < self.batch_size:
+            raise ValueError(
+                f"{self.train!r} has {len(dataset)} images: fewer than one batch of {self.batch_size} per rank"
+            )
+        return DataLoader(dataset, sampler=sampler, drop_last=train, **self._loader_kwargs())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
+        if self.val is None:
+            return []
+        self.setup()
+        return self._loader("val", train=False)

@@ -1,0 +1,191 @@
+"""Convert an ImageFolder tree into webdataset shards plus the info JSON the DataModule reads.
+
+Layout written into ``output_dir`` for split ``NAME``::
+
+    NAME-000000.tar, NAME-000001.tar, ...   samples <key>.<ext> (the file's bytes, untouched)
+                                            and <key>.cls (class index, ASCII)
+    NAME.json                               {"num_samples", "shards", "shard_samples", "classes",
+                                             "skipped": [{"path", "reason"}], ...}
+
+``<ext>`` is the format PIL detects in the bytes (``jpg`` for JPEG, ``png``, ``webp``), so the key
+always tells the truth about the stored bytes whatever the file was called. Keys are the running
+sample index (``00000000``...). Samples are shuffled across shards by ``seed`` (the file list is
+sorted first, so the result depends on the seed only); every shard holds ``shard_size`` samples but
+the last.
+
+Every file under a class folder (recursively, hidden files skipped) is decoded fully with the same
+restricted decoder the pipeline uses; files that fail are listed in ``skipped`` and left out.
+Shards are written as ``NAME-000000.tar.tmp`` ... and renamed only once all are written; the JSON
+is written last (atomically). A run that fails part-way removes its temporary files and leaves
+nothing that looks like a complete split.
+"""
+import json
+import logging
+import os
+import random
+import re
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+from tqdm.auto import tqdm
+from webdataset import TarWriter
+
+from ssl_vit.data.pipeline import FORMAT_KEYS, CorruptSampleError, open_image
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+TMP_SUFFIX = ".tmp"
+
+
+def list_image_folder(root: PathLike) -> Tuple[List[str], List[Tuple[str, int]]]:
+    """Class names (sorted sub-folders of ``root``) and ``(path, class index)`` of every file in them.
+
+    Hidden entries (``.name``) are ignored. Raises FileNotFoundError / NotADirectoryError /
+    ValueError for a missing root or one without class folders.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"input directory {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"input {str(root)!r} is not a directory")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(f"no class folders in {str(root)!r}: expected the ImageFolder layout DIR/<class>/<image>")
+    items = []
+    for index, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            items += [(os.path.join(dirpath, f), index) for f in sorted(filenames) if not f.startswith(".")]
+    return classes, items
+
+
+def read_checked(path: str) -> Tuple[Optional[bytes], str]:
+    """``(bytes, ext)`` of a readable JPEG/PNG/WEBP file, else ``(None, reason)``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return data, FORMAT_KEYS[open_image(data).format]
+    except (OSError, CorruptSampleError) as exc:
+        return None, str(exc)
+
+
+def _existing(output_dir: Path, split: str) -> List[Path]:
+    pattern = re.compile(re.escape(split) + r"-\d{6}\.tar")
+    found = [p for p in output_dir.iterdir() if pattern.fullmatch(p.name)]
+    info = output_dir / f"{split}.json"
+    return sorted(found) + ([info] if info.exists() else [])
+
+
+def _checked(items: List[Tuple[str, int]], num_workers: int) -> Iterator[Tuple[Optional[bytes], str]]:
+    paths = [path for path, _ in items]
+    if num_workers <= 0:
+        yield from map(read_checked, paths)
+        return
+    with Pool(num_workers) as pool:
+        yield from pool.imap(read_checked, paths, chunksize=64)
+
+
+def write_shards(
+    input_dir: PathLike,
+    output_dir: PathLike,
+    split: str,
+    shard_size: int,
+    seed: int = 0,
+    overwrite: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Write ``input_dir`` (ImageFolder) as shuffled webdataset shards and ``<split>.json``.
+
+    Args:
+        input_dir: ``input_dir/<class>/<image>`` tree.
+        output_dir: where shards and JSON go (created if needed).
+        split: shard name prefix (``train`` -> ``train-000000.tar``, ``train.json``).
+        shard_size: samples per shard (>= 1).
+        seed: shuffle seed.
+        overwrite: replace an existing split of the same name (else FileExistsError).
+        num_workers: processes that read and check images (0: this process).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The info dict written to ``<split>.json``.
+
+    Raises:
+        FileNotFoundError, NotADirectoryError, ValueError, FileExistsError: bad input, with the
+            offending path or value in the message.
+    """
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
+    if not split or not re.fullmatch(r"[\w.-]+", split):
+        raise ValueError(f"split name must be letters, digits, '_', '-' or '.', got {split!r}")
+    classes, items = list_image_folder(input_dir)
+    if not items:
+        raise ValueError(f"no files under the class folders of {str(input_dir)!r}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    old = _existing(output_dir, split)
+    if old and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds split {split!r} ({old[0].name}, ...); pass overwrite=True (--overwrite)"
+        )
+    random.Random(seed).shuffle(items)
+
+    tmp_paths: List[Path] = []
+    shard_samples: List[int] = []
+    skipped: List[Dict[str, str]] = []
+    writer: Optional[TarWriter] = None
+    written = 0
+    bar = tqdm(total=len(items), desc=f"{split} shards", unit="img", disable=not progress)
+    try:
+        for (path, label), (data, ext) in zip(items, _checked(items, num_workers)):
+            bar.update()
+            if data is None:
+                logger.warning("skipping unreadable %s: %s", path, ext)
+                skipped.append({"path": path, "reason": ext})
+                continue
+            if writer is None or shard_samples[-1] == shard_size:
+                if writer is not None:
+                    writer.close()
+                tmp_paths.append(output_dir / f"{split}-{len(tmp_paths):06d}.tar{TMP_SUFFIX}")
+                writer = TarWriter(str(tmp_paths[-1]), encoder=False, mtime=0)  # int: no pax headers
+                shard_samples.append(0)
+            writer.write({"__key__": f"{written:08d}", ext: data, "cls": str(label).encode("ascii")})
+            shard_samples[-1] += 1
+            written += 1
+        if writer is not None:
+            writer.close()
+            writer = None
+        if not tmp_paths:
+            raise ValueError(f"no readable image under {str(input_dir)!r} ({len(skipped)} files skipped)")
+        # Publish: drop the old JSON first so no moment shows an old JSON beside new shards.
+        (output_dir / f"{split}.json").unlink(missing_ok=True)
+        names = [p.name[: -len(TMP_SUFFIX)] for p in tmp_paths]
+        for tmp, name in zip(tmp_paths, names):
+            os.replace(tmp, output_dir / name)
+        for stale in set(p.name for p in old) - set(names) - {f"{split}.json"}:
+            (output_dir / stale).unlink()
+        info = {
+            "num_samples": written,
+            "shards": names,
+            "shard_samples": shard_samples,
+            "classes": classes,
+            "skipped": skipped,
+            "split": split,
+            "source": str(Path(input_dir).resolve()),
+            "seed": seed,
+            "shard_size": shard_size,
+        }
+        tmp_json = output_dir / f"{split}.json{TMP_SUFFIX}"
+        tmp_json.write_text(json.dumps(info, indent=1))
+        os.replace(tmp_json, output_dir / f"{split}.json")
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        for tmp in [*tmp_paths, output_dir / f"{split}.json{TMP_SUFFIX}"]:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    return info
