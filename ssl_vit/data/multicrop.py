@@ -1,0 +1,125 @@
+"""DINO's multi-crop augmentation (Caron et al. 2021, Appendix / reference ``DataAugmentationDINO``).
+
+One image becomes ``2 + num_local`` views: two global crops then ``num_local`` local crops. Every view
+has a random resized crop (bicubic), horizontal flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8
+and grayscale with p 0.2 (the BYOL recipe), then::
+
+    view                     Gaussian blur p    solarize p
+    global 1                       1.0              0
+    global 2                       0.1              0.2
+    each local                     0.5              0
+
+Blur sigma is drawn in ``blur_sigma`` (0.1-2.0 pixels). The reference blurs with PIL (no kernel size);
+torchvision needs one, and the usual choice (BYOL, lightly) is 23 at 224, about 10% of the crop. We
+scale it with the crop: ``kernel = 2 * round(0.05 * size) + 1`` (odd, at least 3), which gives 23 at
+224, 11 at 96, 5 at 32 and 3 at 16.
+
+The per-view pipelines are ``MultiCropTransform.views`` (torchvision ``v2.Compose``), so which
+augmentation a view has, with which probability, can be read off the object.
+"""
+from typing import Any, List, Sequence, Tuple
+
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor
+from torchvision.transforms import v2
+
+BICUBIC = v2.InterpolationMode.BICUBIC
+
+
+def blur_kernel_size(crop_size: int) -> int:
+    """Odd Gaussian kernel about 10% of the crop: 23 at 224, 11 at 96, 5 at 32, 3 at 16."""
+    return max(3, 2 * int(0.05 * crop_size + 0.5) + 1)
+
+
+def _check_scale(name: str, scale: Sequence[float]) -> Tuple[float, float]:
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"MultiCropTransform: {name} must be (min, max) with 0 < min <= max <= 1, got {scale}")
+    return float(scale[0]), float(scale[1])
+
+
+class MultiCropTransform:
+    """PIL image (or ``uint8`` ``[C, H, W]`` tensor) -> list of ``2 + num_local`` normalised views.
+
+    Args:
+        global_size: side of the two global crops.
+        local_size: side of the local crops.
+        num_local: number of local crops (0 allowed: two-view training).
+        global_scale: area range of the global random resized crops.
+        local_scale: area range of the local random resized crops.
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation std.
+        blur_sigma: range of the Gaussian blur sigma, in pixels.
+
+    Returns (``__call__``):
+        ``[global_1, global_2, local_1, ..., local_N]``: float32 tensors ``[3, global_size,
+        global_size]`` then ``[3, local_size, local_size]``.
+    """
+
+    def __init__(
+        self,
+        global_size: int = 224,
+        local_size: int = 96,
+        num_local: int = 8,
+        global_scale: Sequence[float] = (0.4, 1.0),
+        local_scale: Sequence[float] = (0.05, 0.4),
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+    ) -> None:
+        if global_size < 1 or local_size < 1:
+            raise ValueError(
+                f"MultiCropTransform: crop sizes must be >= 1, got global {global_size}, local {local_size}"
+            )
+        if num_local < 0:
+            raise ValueError(f"MultiCropTransform: num_local must be >= 0, got {num_local}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"MultiCropTransform: mean and std need 3 values (std > 0), got {mean}, {std}")
+        if len(blur_sigma) != 2 or not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"MultiCropTransform: blur_sigma must be (min, max) with 0 < min <= max, got {blur_sigma}")
+        self.global_size, self.local_size, self.num_local = global_size, local_size, num_local
+        global_scale = _check_scale("global_scale", global_scale)
+        local_scale = _check_scale("local_scale", local_scale)
+        sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        normalize = [
+            v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), v2.ToPureTensor()
+        ]
+
+        def view(size: int, scale: Tuple[float, float], blur_p: float, solarize_p: float) -> v2.Compose:
+            steps: List[Any] = [
+                v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip(p=0.5),
+                v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+                v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=sigma)], p=blur_p),
+            ]
+            if solarize_p > 0:
+                steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))  # on 8-bit values, as PIL
+            return v2.Compose(steps + normalize)
+
+        local = view(local_size, local_scale, blur_p=0.5, solarize_p=0.0)
+        self.views: List[v2.Compose] = [
+            view(global_size, global_scale, blur_p=1.0, solarize_p=0.0),
+            view(global_size, global_scale, blur_p=0.1, solarize_p=0.2),
+        ] + [local] * num_local
+
+    def __call__(self, image: Any) -> List[Tensor]:
+        if isinstance(image, Image.Image):
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+        elif isinstance(image, Tensor):
+            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(
+                    "MultiCropTransform takes PIL images or uint8 [3, H, W] tensors, got a "
+                    f"{image.dtype} tensor of shape {tuple(image.shape)}"
+                )
+        else:
+            raise TypeError(f"MultiCropTransform takes PIL images or uint8 tensors, got {type(image).__name__}")
+        return [view(image) for view in self.views]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(global_size={self.global_size}, local_size={self.local_size}, "
+            f"num_local={self.num_local})"
+        )

@@ -1,0 +1,256 @@
+"""DINO pretraining (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers").
+
+A student (ViT + DINOHead) is trained to match a teacher of the same architecture on different
+crops of the same image; the teacher is an exponential moving average of the student and never
+receives gradients. Collapse is avoided by centring and sharpening the teacher's output.
+
+Where each step happens (per optimiser step, in Lightning's order):
+
+1. ``on_train_batch_start`` (ScheduledModule): learning rate and weight decay of this step.
+2. ``training_step``: teacher on the 2 global crops (no grad), student on all crops, DINO loss with
+   this step's teacher temperature; the centre is updated (all-reduced) inside the loss.
+3. ``on_before_optimizer_step``: ALL gradient handling, on unscaled gradients: per-tensor clipping
+   to ``clip_grad`` (as the reference ``clip_gradients``), then the head's last layer gradients are
+   set to None during the first ``freeze_last_layer`` epochs (AdamW then skips it entirely: no
+   update, no weight decay). Trainer-level ``gradient_clip_val`` is refused (it would clip twice).
+4. ``optimizer_step``: the optimiser step, and right after it the teacher EMA with this step's
+   momentum. Lightning calls ``optimizer_step`` only on real optimiser steps, so under gradient
+   accumulation the teacher moves once per optimiser step, like the student.
+"""
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ssl_vit.losses.dino import DINOLoss, teacher_stats
+from ssl_vit.methods.base import CHECKPOINT_KEY, ScheduledModule, backbone_metadata, param_groups
+from ssl_vit.methods.schedules import at, cosine_schedule, linear_then_constant
+from ssl_vit.models.backbone import create_backbone
+from ssl_vit.models.dino_head import DINOHead, MultiCropNet
+
+NUM_GLOBAL_CROPS = 2  # the teacher sees the first two crops of every batch
+
+
+@torch.no_grad()
+def clip_grad_per_tensor_(grads: List[Tensor], max_norm: float, eps: float = 1e-6) -> None:
+    """Scale every gradient tensor whose L2 norm exceeds ``max_norm`` down to norm ``max_norm``,
+    independently of the others (the reference ``clip_gradients``), with foreach kernels::
+
+        g <- g * min(1, max_norm / (||g|| + eps))
+    """
+    if not grads:
+        return
+    scale = torch._foreach_norm(grads)  # list of 0-d tensors
+    torch._foreach_add_(scale, eps)
+    torch._foreach_reciprocal_(scale)
+    torch._foreach_mul_(scale, max_norm)
+    torch._foreach_clamp_max_(scale, 1.0)
+    torch._foreach_mul_(grads, scale)
+
+
+class DINO(ScheduledModule):
+    """Student/teacher self-distillation of a timm ViT.
+
+    Module layout (state-dict keys): ``student.backbone.*``, ``student.head.*``,
+    ``teacher.backbone.*``, ``teacher.head.*`` and the loss centre ``loss.center`` ``[1, K]``.
+
+    Args:
+        arch: ``create_backbone`` name (``vit_small_patch16``...).
+        img_size: resolution the position embedding is built for (global crop size); local crops
+            use the on-the-fly resampled embedding.
+        patch_size: overrides the patch size of ``arch``.
+        embed_dim, depth, num_heads: override the width / depth / heads of ``arch`` (custom sizes).
+        drop_path_rate: stochastic depth of the student (the teacher has none).
+        out_dim: number of prototypes ``K``.
+        head_hidden_dim: hidden width of the head MLP.
+        head_bottleneck_dim: bottleneck width before the prototypes.
+        head_nlayers: linear layers in the head MLP.
+        head_use_bn: BatchNorm in the head MLP.
+        norm_last_layer: freeze the prototypes' norm at 1.
+        student_temp: student softmax temperature.
+        warmup_teacher_temp: teacher temperature at step 0.
+        teacher_temp: teacher temperature after ``warmup_teacher_temp_epochs`` (linear ramp).
+        warmup_teacher_temp_epochs: ramp length in epochs (0: constant ``teacher_temp``).
+        momentum_teacher: EMA momentum at step 0; a cosine takes it to 1 at the end of training.
+        center_momentum: EMA momentum of the centre.
+        freeze_last_layer: epochs during which the head's last layer is not updated.
+        clip_grad: per-tensor gradient norm limit (0 disables clipping).
+        base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas: see
+            ``ScheduledModule`` (DINO: 5e-4 per 256 images, 10 warm-up epochs, 1e-6, 0.04 -> 0.4).
+    """
+
+    def __init__(
+        self,
+        arch: str = "vit_small_patch16",
+        img_size: int = 224,
+        patch_size: Optional[int] = None,
+        embed_dim: Optional[int] = None,
+        depth: Optional[int] = None,
+        num_heads: Optional[int] = None,
+        drop_path_rate: float = 0.1,
+        out_dim: int = 65536,
+        head_hidden_dim: int = 2048,
+        head_bottleneck_dim: int = 256,
+        head_nlayers: int = 3,
+        head_use_bn: bool = False,
+        norm_last_layer: bool = True,
+        student_temp: float = 0.1,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: float = 0,
+        momentum_teacher: float = 0.996,
+        center_momentum: float = 0.9,
+        freeze_last_layer: int = 1,
+        clip_grad: float = 3.0,
+        base_lr: float = 5e-4,
+        lr: Optional[float] = None,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 10,
+        weight_decay: float = 0.04,
+        weight_decay_end: Optional[float] = 0.4,
+        betas: Sequence[float] = (0.9, 0.999),
+    ) -> None:
+        super().__init__(base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas)
+        self.save_hyperparameters()
+        temps = dict(student_temp=student_temp, warmup_teacher_temp=warmup_teacher_temp, teacher_temp=teacher_temp)
+        for name, value in temps.items():
+            if value <= 0:
+                raise ValueError(f"DINO: {name} must be > 0, got {value}")
+        for name, value in dict(momentum_teacher=momentum_teacher, center_momentum=center_momentum).items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"DINO: {name} must be in [0, 1], got {value}")
+        non_negative = dict(
+            warmup_teacher_temp_epochs=warmup_teacher_temp_epochs, freeze_last_layer=freeze_last_layer,
+            clip_grad=clip_grad, drop_path_rate=drop_path_rate,
+        )
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"DINO: {name} must be >= 0, got {value}")
+        self.arch = arch
+        overrides = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+        # the create_backbone arguments that define the architecture (stored in checkpoints)
+        self.backbone_kwargs: Dict[str, Any] = dict(img_size=img_size)
+        self.backbone_kwargs.update({k: v for k, v in overrides.items() if v is not None})
+
+        def build(drop_path: float) -> MultiCropNet:
+            backbone = create_backbone(arch, drop_path_rate=drop_path, **self.backbone_kwargs)
+            head = DINOHead(
+                backbone.num_features, out_dim, head_hidden_dim, head_bottleneck_dim,
+                head_nlayers, head_use_bn, norm_last_layer,
+            )
+            return MultiCropNet(backbone, head)
+
+        self.student = build(drop_path_rate)
+        self.teacher = build(0.0)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.loss = DINOLoss(out_dim, center_momentum)
+
+        self.student_temp = student_temp
+        self.warmup_teacher_temp, self.teacher_temp = warmup_teacher_temp, teacher_temp
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.momentum_teacher = momentum_teacher
+        self.freeze_last_layer = freeze_last_layer
+        self.clip_grad = clip_grad
+        self.momentum_schedule: Optional[Tensor] = None
+        self.teacher_temp_schedule: Optional[Tensor] = None
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def optimizer_param_groups(self) -> List[Dict]:
+        """The student only (backbone + head); the teacher is never optimised."""
+        return param_groups(self.student.named_parameters(), self.weight_decay)
+
+    def build_schedules(self) -> None:
+        """lr / wd (base class), EMA momentum (cosine to 1) and teacher temperature, per step."""
+        super().build_schedules()
+        total = self.total_steps
+        self.momentum_schedule = cosine_schedule(self.momentum_teacher, 1.0, total)
+        ramp = round(self.warmup_teacher_temp_epochs * self.steps_per_epoch)
+        self.teacher_temp_schedule = linear_then_constant(self.warmup_teacher_temp, self.teacher_temp, ramp, total)
+
+    def _mean_over_processes(self, t: Tensor) -> Tensor:
+        """Mean over all processes with no host sync (``all_gather``: ``strategy.reduce`` adds a
+        barrier). Identity on a single process. ``[1, K] -> [1, K]``."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return t
+        return self.all_gather(t).mean(dim=0)  # [W, 1, K] -> [1, K]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        crops, _ = batch
+        if not isinstance(crops, (list, tuple)) or len(crops) < NUM_GLOBAL_CROPS:
+            raise ValueError(
+                "DINO needs batches of (list of crops, labels) with at least 2 crops (2 global first): "
+                "use ssl_vit.data.multicrop.MultiCropTransform as the train transform; got "
+                f"{type(crops).__name__}" + (f" of {len(crops)}" if isinstance(crops, (list, tuple)) else "")
+            )
+        teacher_temp = at(self.teacher_temp_schedule, self.global_step)
+        momentum = at(self.momentum_schedule, self.global_step)
+        with torch.no_grad():
+            teacher_out = self.teacher(crops[:NUM_GLOBAL_CROPS])  # [2 * B, K]
+        student_out = self.student(crops)  # [V * B, K]
+        stats = teacher_stats(teacher_out, self.loss.center, teacher_temp)
+        loss = self.loss(
+            student_out, teacher_out, len(crops), teacher_temp, self.student_temp,
+            center_reduce=self._mean_over_processes,
+        )
+        self.log("train/loss", loss, prog_bar=True, batch_size=crops[0].shape[0])
+        self.log_dict(
+            {
+                "train/momentum": momentum,
+                "train/teacher_temp": teacher_temp,
+                "train/teacher_entropy": stats["entropy"],
+                "train/teacher_kl_to_centre": stats["kl_to_centre"],
+            },
+            on_step=True, on_epoch=False, batch_size=1,
+        )
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Per-tensor clipping of the student's gradients, then the last-layer freeze (gradients
+        are unscaled here under AMP)."""
+        if self.clip_grad > 0:
+            grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+            clip_grad_per_tensor_(grads, self.clip_grad)
+        if self.current_epoch < self.freeze_last_layer:
+            for p in self.student.head.last_layer.parameters():
+                p.grad = None
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: Optional[float] = None,
+        gradient_clip_algorithm: Optional[str] = None,
+    ) -> None:
+        """DINO clips in ``on_before_optimizer_step`` (``clip_grad``); a trainer-level clip would
+        clip a second time, so it is refused."""
+        if gradient_clip_val:
+            raise ValueError(
+                f"DINO clips gradients itself (model.clip_grad={self.clip_grad}); leave "
+                f"trainer.gradient_clip_val unset (got {gradient_clip_val})"
+            )
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimiser step, then the teacher EMA with this step's momentum (``global_step`` is
+        incremented only after this hook returns)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.update_teacher(at(self.momentum_schedule, self.global_step))
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """``teacher <- momentum * teacher + (1 - momentum) * student`` for every parameter, with
+        foreach kernels (buffers are not averaged, as in the reference)."""
+        teacher = list(self.teacher.parameters())
+        student = [p.detach() for p in self.student.parameters()]
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+
+    # -- inference and checkpoints ---------------------------------------------------------------
+    def forward(self, images: Tensor) -> Tensor:
+        """Teacher backbone features (what DINO evaluates): ``[B, C, H, W] -> [B, D]``."""
+        return self.teacher.backbone(images)
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = backbone_metadata(
+            "dino", self.arch, self.backbone_kwargs,
+            {"teacher": "teacher.backbone.", "student": "student.backbone."}, "teacher",
+        )

@@ -1,0 +1,89 @@
+"""End to end: the DINO smoke recipe through the CLI on real shards, the checkpoint through
+``ssl_vit.load_backbone``, and every DINO recipe parsed strictly and checked against the paper."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from ssl_vit.cli import main as cli_main
+from ssl_vit.data import write_shards
+from ssl_vit.export.backbone import load_backbone
+from ssl_vit.methods.dino import DINO
+from ssl_vit.models.backbone import VIT_SIZES
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "recipes" / "smoke" / "dino.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dino_data")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        folder = tmp / "images" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    write_shards(tmp / "images", tmp / "shards", "train", shard_size=4, progress=False)
+    return str(tmp / "shards" / "train-{000000..000001}.tar")
+
+
+def test_smoke_recipe_runs_with_fast_dev_run(shards, tmp_path):
+    cli_main(["fit", "--config", SMOKE, "--trainer.fast_dev_run", "true", "--data.train", shards,
+              "--trainer.default_root_dir", str(tmp_path)])
+
+
+def test_cli_checkpoint_loads_as_the_teacher_backbone(shards, tmp_path):
+    cli_main([
+        "fit", "--config", SMOKE, "--data.train", shards, "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "true",
+        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
+        "--trainer.callbacks.filename", "last",
+    ])
+    path = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(path, weights_only=True)["state_dict"]
+    x = torch.randn(2, 3, 32, 32)
+    for role in ("teacher", "student"):
+        backbone = load_backbone(path, role=role)
+        prefix = f"{role}.backbone."
+        assert backbone.state_dict().keys() == {k[len(prefix):] for k in state if k.startswith(prefix)}
+        assert all(torch.equal(v, state[prefix + k]) for k, v in backbone.state_dict().items())
+    assert not torch.equal(load_backbone(path)(x), load_backbone(path, role="student")(x))  # EMA lags
+    torch.testing.assert_close(load_backbone(path)(x), load_backbone(path, role="teacher")(x))  # default
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes" / "dino").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipes_parse_strictly_and_follow_the_paper(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # LightningCLI validates every key, then exits
+        cli_main(["fit", "--config", str(recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "ssl_vit.methods.dino.DINO" in capsys.readouterr().out
+    config = yaml.safe_load(recipe.read_text())
+    model, data, trainer = config["model"]["init_args"], config["data"]["init_args"], config["trainer"]
+    assert (model["warmup_teacher_temp"], model["teacher_temp"], model["warmup_teacher_temp_epochs"]) == (0.04, 0.07, 30)
+    assert model["student_temp"] == 0.1 and model["momentum_teacher"] == 0.996 and model["center_momentum"] == 0.9
+    assert (model["base_lr"], model["min_lr"], model["warmup_epochs"]) == (5e-4, 1e-6, 10)
+    assert (model["weight_decay"], model["weight_decay_end"], model["clip_grad"], model["freeze_last_layer"]) == (0.04, 0.4, 3.0, 1)
+    assert trainer["precision"] == "bf16-mixed" and "gradient_clip_val" not in trainer
+    crops = data["train_transform"]
+    assert crops["class_path"] == "ssl_vit.data.multicrop.MultiCropTransform"
+    crops = crops["init_args"]
+    assert crops["global_scale"] == [0.4, 1.0] and crops["local_scale"] == [0.05, 0.4]
+    callbacks = [c["class_path"] for c in trainer.get("callbacks", [])]
+    assert "ssl_vit.callbacks.knn.KNNMonitor" in callbacks
+    if recipe.stem.endswith("in1k"):
+        batch = trainer["devices"] * trainer.get("num_nodes", 1) * data["batch_size"] * trainer.get("accumulate_grad_batches", 1)
+        assert batch == 1024 and trainer["max_epochs"] == 300
+        assert (crops["global_size"], crops["local_size"], crops["num_local"]) == (224, 96, 10)
+        assert model["out_dim"] == 65536 and model["img_size"] == 224
+    else:
+        assert (crops["global_size"], crops["local_size"]) == (32, 16) and model["img_size"] == 32
+    # the architecture builds (one block, a small head, to stay small) with the name's width and patch
+    dino = DINO(**{**model, "depth": 1, "out_dim": 64})
+    size, patch = model["arch"].split("_")[1], int(model["arch"].split("_")[2].removeprefix("patch"))
+    vit = dino.teacher.backbone
+    assert vit.embed_dim == VIT_SIZES[size][0] and vit.patch_embed.patch_size == (patch, patch)
+    assert vit.patch_embed.img_size[0] == crops["global_size"]
+    assert dino.student.head.last_layer.parametrizations.weight.original0.requires_grad == (not model["norm_last_layer"])
