@@ -1,7 +1,7 @@
 """scikit-learn's bundled digits (1,797 8x8 images, no download) as an ImageFolder tree, for the demo.
 
 ``output_dir/train/<digit>/<index>.png`` and ``output_dir/test/<digit>/<index>.png``: RGB PNGs
-upscaled (nearest neighbour) to ``size x size``, split stratified by digit.
+upscaled (bicubic, so a patch is not one flat pixel) to ``size x size``, split stratified by digit.
 """
 import shutil
 from pathlib import Path
@@ -49,7 +49,7 @@ def export_digits(
         for i in sorted(split_idx):
             folder = root / split / str(digits.target[i])
             folder.mkdir(parents=True, exist_ok=True)
-            image = Image.fromarray(pixels[i]).resize((size, size), Image.NEAREST).convert("RGB")
+            image = Image.fromarray(pixels[i]).resize((size, size), Image.BICUBIC).convert("RGB")
             image.save(folder / f"{i:04d}.png")
     classes = [str(c) for c in range(10)]
     return {"root": str(root), "train": len(train_idx), "test": len(test_idx), "classes": classes}
