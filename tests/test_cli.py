@@ -1,0 +1,91 @@
+"""The `ssl-vit` entry point: strict recipes, --print_config, the saved config, `python -m ssl_vit`."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from ssl_vit.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "recipes" / "smoke" / "mae.yaml")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("cli_images")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        (root / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
+    return str(root)
+
+
+def _folder_data(folder: str) -> list:
+    return ["--data", "ssl_vit.data.ImageFolderDataModule", "--data.train", folder, "--data.batch_size", "4",
+            "--data.num_workers", "0", "--data.pin_memory", "false",
+            "--data.train_transform", "ssl_vit.data.PretrainTransform", "--data.train_transform.size", "32"]
+
+
+def test_print_config_resolves_the_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", SMOKE, "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["class_path"] == "ssl_vit.methods.mae.MAE"
+    assert config["model"]["init_args"]["mask_ratio"] == 0.75
+    assert config["model"]["init_args"]["decoder_depth"] == 1
+    # defaults the recipe does not set are filled in
+    assert config["model"]["init_args"]["betas"] == [0.9, 0.95]
+
+
+@pytest.mark.parametrize("bad", [["--model.init_args.mask_rato", "0.5"], ["--trainer.max_epocs", "3"]])
+def test_unknown_key_fails_at_start_naming_the_key(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", SMOKE, *bad])
+    assert exit_info.value.code != 0
+    key = bad[0].split(".")[-1]
+    assert key in capsys.readouterr().err
+
+
+def test_unknown_key_inside_a_recipe_file_is_named(tmp_path, capsys):
+    recipe = yaml.safe_load(Path(SMOKE).read_text())
+    recipe["model"]["init_args"]["decoder_widht"] = 64
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(path)])
+    assert "decoder_widht" in capsys.readouterr().err
+
+
+def test_fit_saves_the_resolved_config_in_the_run_directory(folder, tmp_path):
+    # (not fast_dev_run: LightningCLI saves no config in that mode)
+    cli_main(["fit", "--config", SMOKE, *_folder_data(folder), "--trainer.max_steps", "1",
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", "[]"])
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["model"]["class_path"] == "ssl_vit.methods.mae.MAE"
+    assert saved["data"]["init_args"]["train"] == folder
+    assert saved["trainer"]["default_root_dir"] == str(tmp_path)
+
+
+def test_python_dash_m_runs_the_cli():
+    env = dict(os.environ, WANDB_MODE="offline")
+    result = subprocess.run([sys.executable, "-m", "ssl_vit", "fit", "--help"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "--config" in result.stdout and "--trainer" in result.stdout
+
+
+def test_wandb_goes_offline_when_the_server_is_unreachable(monkeypatch):
+    from ssl_vit import cli
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(cli, "_network_reachable", lambda *a, **k: False)
+    cli.default_wandb_offline()
+    assert os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "online")  # an explicit choice is kept
+    cli.default_wandb_offline()
+    assert os.environ["WANDB_MODE"] == "online"
