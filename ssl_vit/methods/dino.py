@@ -20,7 +20,7 @@ Where each step happens (per optimiser step, in Lightning's order):
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ssl_vit.losses.dino import DINOLoss, teacher_stats
 from ssl_vit.methods.base import CHECKPOINT_KEY, ScheduledModule, backbone_metadata, param_groups

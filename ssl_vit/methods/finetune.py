@@ -15,10 +15,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
-from ssl_vit.methods.base import CHECKPOINT_KEY, ScheduledModule, backbone_metadata, param_groups
-from ssl_vit.methods.knn import build_backbone, resolve_num_classes
+from ssl_vit.methods.base import param_groups
+from ssl_vit.methods.classifier import ClassifierModule
+from ssl_vit.methods.knn import build_backbone
 
 
 class FinetuneTransform:
@@ -84,7 +84,7 @@ class FinetuneTransform:
         return f"{type(self).__name__}({self.transform})"
 
 
-class Finetune(ScheduledModule):
+class Finetune(ClassifierModule):
     """Finetune a pretrained backbone (or train one from scratch) with a linear classifier.
 
     Args:
@@ -105,6 +105,8 @@ class Finetune(ScheduledModule):
         head_init_std: std of the classifier weight init (MAE: 2e-5).
         base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas: ``ScheduledModule``.
     """
+
+    stage = "finetune"
 
     def __init__(
         self,
@@ -150,11 +152,8 @@ class Finetune(ScheduledModule):
         self.layer_decay, self.head_init_std = layer_decay, head_init_std
         self.mixup_args = dict(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob, label_smoothing=label_smoothing)
         self.label_smoothing = label_smoothing
-        self.num_classes = num_classes
-        self.head: Optional[nn.Linear] = None if num_classes is None else self.make_head(num_classes)
         self.mixup_fn: Optional[Mixup] = None
-        self.top1: Optional[MulticlassAccuracy] = None
-        self.top5: Optional[MulticlassAccuracy] = None
+        self.init_head(num_classes)
 
     def make_head(self, num_classes: int) -> nn.Linear:
         head = nn.Linear(self.backbone.num_features, num_classes)
@@ -163,26 +162,17 @@ class Finetune(ScheduledModule):
         return head
 
     def setup(self, stage: str) -> None:
-        num_classes = resolve_num_classes(self.num_classes, self.trainer)
-        if self.head is None:
-            self.head = self.make_head(num_classes)
-        self.num_classes = num_classes
-        self.hparams["num_classes"] = num_classes
+        super().setup(stage)
         if self.mixup_args["mixup_alpha"] > 0 or self.mixup_args["cutmix_alpha"] > 0:
-            self.mixup_fn = Mixup(**self.mixup_args, num_classes=num_classes)
-        self.top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+            self.mixup_fn = Mixup(**self.mixup_args, num_classes=self.num_classes)
 
-    def forward(self, images: Tensor) -> Tensor:
-        """``[B, C, H, W]`` -> logits ``[B, num_classes]``."""
-        if self.head is None:
-            raise RuntimeError("the finetuning head is built at setup (num_classes from the datamodule) or from num_classes")
-        return self.head(self.backbone(images))
+    def features(self, images: Tensor) -> Tensor:
+        """``[B, C, H, W]`` -> pooled backbone features ``[B, D]`` (trained)."""
+        return self.backbone(images)
 
     def training_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        if batch_idx == 0 and bool((labels < 0).any()):
-            raise ValueError("finetuning needs labelled data: this batch has label -1 (unknown)")
+        self.check_labels(labels, batch_idx)
         if self.mixup_fn is not None:
             if len(labels) % 2:  # timm's batch mixing pairs samples: drop the odd one out
                 images, labels = images[:-1], labels[:-1]
@@ -192,14 +182,6 @@ class Finetune(ScheduledModule):
             loss = F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
         return loss
-
-    def validation_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        logits = self(images)
-        self.top1(logits, labels)
-        self.top5(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), on_epoch=True, batch_size=len(labels), sync_dist=True)
-        self.log_dict({"val/top1": self.top1, "val/top5": self.top5}, on_epoch=True, prog_bar=True, batch_size=len(labels))
 
     def optimizer_param_groups(self) -> List[Dict]:
         """timm's layer-decay groups for the backbone (``lr_scale`` per layer; no decay on 1-D
@@ -213,6 +195,3 @@ class Finetune(ScheduledModule):
         for group in groups:
             group["apply_wd"] = group["weight_decay"] > 0
         return groups + param_groups(self.head.named_parameters(), self.weight_decay)
-
-    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = backbone_metadata("finetune", self.backbone_arch, self.backbone_kwargs, {"backbone": "backbone."}, "backbone")

@@ -21,16 +21,15 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchmetrics.classification import MulticlassAccuracy
 
-from ssl_vit.methods.base import CHECKPOINT_KEY, ScheduledModule, backbone_metadata, param_groups
+from ssl_vit.methods.base import param_groups
+from ssl_vit.methods.classifier import ClassifierModule
 from ssl_vit.methods.knn import (
     Feature,
     build_frozen_backbone,
     extract_features,
     feature_dim,
     gather_rows,
-    resolve_num_classes,
     split_for_rank,
     vit_features,
 )
@@ -43,7 +42,7 @@ PROTOCOL_DEFAULTS: Dict[str, Dict[str, float]] = {
 }
 
 
-class LinearProbe(ScheduledModule):
+class LinearProbe(ClassifierModule):
     """A linear classifier on a frozen backbone.
 
     Args:
@@ -64,6 +63,8 @@ class LinearProbe(ScheduledModule):
         weight_decay: weight decay of the linear weight.
         momentum: SGD / LARS momentum.
     """
+
+    stage = "probe"
 
     def __init__(
         self,
@@ -98,10 +99,7 @@ class LinearProbe(ScheduledModule):
         self.backbone, self.backbone_arch, self.backbone_kwargs = build_frozen_backbone(weights, arch, role, backbone_kwargs)
         self.protocol, self.feature, self.n_last_blocks, self.momentum = protocol, feature, n_last_blocks, momentum
         self.feature_dim = feature_dim(self.backbone, feature, n_last_blocks)
-        self.num_classes = num_classes
-        self.head: Optional[nn.Module] = None if num_classes is None else self.make_head(num_classes)
-        self.top1: Optional[MulticlassAccuracy] = None
-        self.top5: Optional[MulticlassAccuracy] = None
+        self.init_head(num_classes)
 
     def make_head(self, num_classes: int) -> nn.Module:
         """MAE: BatchNorm (no affine) + Linear, weight ~ trunc normal(0.01); DINO: Linear ~ N(0, 0.01)."""
@@ -114,15 +112,6 @@ class LinearProbe(ScheduledModule):
         return linear
 
     # -- Lightning hooks ---------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        num_classes = resolve_num_classes(self.num_classes, self.trainer)
-        if self.head is None:
-            self.head = self.make_head(num_classes)
-        self.num_classes = num_classes
-        self.hparams["num_classes"] = num_classes  # so that load_from_checkpoint builds the head
-        self.top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
-
     def train(self, mode: bool = True) -> "LinearProbe":
         """Train the head; the frozen backbone stays in eval mode (no dropout, no drop path)."""
         super().train(mode)
@@ -138,27 +127,12 @@ class LinearProbe(ScheduledModule):
         with torch.no_grad():
             return vit_features(self.backbone, x, self.feature, self.n_last_blocks).float()
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Images ``[B, C, H, W]`` or features ``[B, F]`` -> logits ``[B, num_classes]``."""
-        if self.head is None:
-            raise RuntimeError("the probe head is built at setup (num_classes from the datamodule) or from num_classes")
-        return self.head(self.features(x))
-
     def training_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, labels = batch
-        _check_labels(labels, batch_idx)
+        self.check_labels(labels, batch_idx)
         loss = F.cross_entropy(self(x), labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
         return loss
-
-    def validation_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, labels = batch
-        _check_labels(labels, batch_idx)
-        logits = self(x)
-        self.top1(logits, labels)
-        self.top5(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), on_epoch=True, batch_size=len(labels), sync_dist=True)
-        self.log_dict({"val/top1": self.top1, "val/top5": self.top5}, on_epoch=True, prog_bar=True, batch_size=len(labels))
 
     # -- optimisation ------------------------------------------------------------------------------
     def optimizer_param_groups(self) -> List[Dict]:
@@ -175,14 +149,6 @@ class LinearProbe(ScheduledModule):
         if self.protocol == "mae":
             return Lars(self.optimizer_param_groups(), lr=lr, momentum=self.momentum, trust_coeff=0.001)
         return torch.optim.SGD(self.optimizer_param_groups(), lr=lr, momentum=self.momentum)
-
-    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = backbone_metadata("probe", self.backbone_arch, self.backbone_kwargs, {"backbone": "backbone."}, "backbone")
-
-
-def _check_labels(labels: Tensor, batch_idx: int) -> None:
-    if batch_idx == 0 and bool((labels < 0).any()):
-        raise ValueError("probing needs labelled data: this batch has label -1 (unknown)")
 
 
 class CachedFeatures(pl.LightningDataModule):
