@@ -36,13 +36,10 @@ def default_wandb_offline() -> None:
         print("ssl-vit: wandb server unreachable, logging offline (sync later with `wandb sync`)", file=sys.stderr)
 
 
-class SSLViTCLI(LightningCLI):
-    """LightningCLI with ssl_vit's defaults: any LightningModule / DataModule by class path."""
-
-
-def run_lightning(args: Optional[List[str]] = None) -> SSLViTCLI:
+def run_lightning(args: Optional[List[str]] = None) -> LightningCLI:
+    """LightningCLI taking any LightningModule / DataModule by class path (the recipes name them)."""
     default_wandb_offline()
-    return SSLViTCLI(
+    return LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
