@@ -11,41 +11,41 @@ Rank and world size come from ``torch.distributed`` when it is initialised, else
 by ``seed + e``; under a Trainer ``e`` is ``trainer.current_epoch``, read each time the train loader
 starts an epoch, otherwise the value given to :meth:`set_epoch`. DataLoader workers are not persistent,
 so each epoch's workers see the new epoch.
+
+**Resume.** Training loaders are :class:`ssl_vit.data.resume.ResumableLoader`: an epoch starts at
+the batch the training loop has reached (:meth:`_BaseDataModule.train_position`), so a run resumed
+from a mid-epoch checkpoint reads exactly the rest of the interrupted epoch, and training
+augmentations are seeded per sample (``ShardDataModule``: by seed, epoch, rank, reader and position
+in the reader's epoch; ``ImageFolderDataModule``: by seed, epoch and file index, independent of
+ranks and workers). Both are exact when the resumed run has the same batch size, ``num_workers``
+(shards) and world size, and, for shards, when the skipped part held no corrupt sample.
 """
 import logging
 import math
+import signal
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
-from ssl_vit.data.pipeline import (
-    MIN_CHECKED_SAMPLES,
-    CorruptCounter,
-    CorruptSampleError,
-    ShardInfo,
-    ShardStream,
-    load_shard_info,
-    open_image,
-)
+from ssl_vit.data.decode import MIN_CHECKED_SAMPLES, CorruptCounter, CorruptSampleError, open_image
+from ssl_vit.data.pipeline import ShardStream
+from ssl_vit.data.resume import ResumableLoader, ResumableSampler, call_seeded, sample_seed
+from ssl_vit.data.shard_info import ShardInfo, load_shard_info
 from ssl_vit.data.shards import list_image_folder
 from ssl_vit.data.transforms import EvalTransform, PretrainTransform
 
 logger = logging.getLogger(__name__)
 
 
-class _EpochLoader(DataLoader):
-    """A DataLoader that tells its dataset the epoch each time an epoch starts."""
-
-    def __init__(self, dataset: ShardStream, epoch_fn: Callable[[], int], **kwargs: Any) -> None:
-        super().__init__(dataset, **kwargs)
-        self.epoch_fn = epoch_fn
-
-    def __iter__(self):
-        self.dataset.set_epoch(self.epoch_fn())
-        return super().__iter__()
+def _ignore_requeue_signal(worker_id: int) -> None:
+    """DataLoader workers ignore SIGUSR1: SLURM sends it to every process of a task before the time
+    limit, and only the main process acts on it (``ssl_vit.callbacks.Preemption``). Workers started
+    with ``spawn``/``forkserver`` would otherwise die of it (its default action is to terminate)."""
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class _BaseDataModule(pl.LightningDataModule):
@@ -114,12 +114,34 @@ class _BaseDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return trainer.current_epoch if trainer is not None else self._epoch
 
+    def train_position(self) -> Tuple[int, int]:
+        """``(epoch, batches of it already trained)`` where the next training epoch starts: under a
+        training Trainer, its current epoch and the batches its loop has consumed in it (non-zero
+        only when resuming mid-epoch); otherwise ``(set_epoch value, 0)``."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return self.current_epoch(), 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    def _train_loader(
+        self, dataset: Dataset, start_fn: Callable[[int, int], None], workers_matter: bool, **kwargs: Any
+    ) -> DataLoader:
+        """The training loader (``workers_matter``: the sample order depends on ``num_workers``)."""
+        _, world_size = self.dist_info()
+        layout = dict(batch_size=self.batch_size, world_size=world_size)
+        if workers_matter:
+            layout["num_workers"] = self.num_workers
+        return ResumableLoader(
+            dataset, self.train_position, start_fn, layout, seed=self.seed, **self._loader_kwargs(), **kwargs
+        )
+
     def _loader_kwargs(self) -> dict:
         return dict(
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=False,
+            worker_init_fn=_ignore_requeue_signal,
         )
 
     @staticmethod
@@ -212,7 +234,8 @@ class ShardDataModule(_BaseDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """``len()`` is the number of (full) batches per epoch on this rank, equal on every rank."""
-        return _EpochLoader(self._stream("train", train=True), self.current_epoch, **self._loader_kwargs())
+        stream = self._stream("train", train=True)
+        return self._train_loader(stream, stream.set_epoch, workers_matter=True)
 
     def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
         """Every validation sample once (padded to equal counts per rank, see pipeline); [] without val."""
@@ -224,7 +247,8 @@ class ShardDataModule(_BaseDataModule):
 
 class _ImageFiles(Dataset):
     """``(transform(image), label)`` of an ImageFolder listing; an unreadable file is logged, counted
-    and replaced by the next readable one (so batches keep their size)."""
+    and replaced by the next readable one (so batches keep their size). With ``seed`` set (training),
+    the transform of index ``i`` runs seeded by ``(seed, epoch, i)``."""
 
     def __init__(self, root: str, max_corrupt_fraction: float, transform: Optional[Callable] = None) -> None:
         self.root, self.transform = root, transform
@@ -233,6 +257,8 @@ class _ImageFiles(Dataset):
             raise ValueError(f"no files under the class folders of {root!r}")
         self.max_corrupt_fraction, self.min_checked = max_corrupt_fraction, MIN_CHECKED_SAMPLES
         self.counter: Optional[CorruptCounter] = None  # one per process (each worker has its copy)
+        self.seed: Optional[int] = None
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -251,7 +277,11 @@ class _ImageFiles(Dataset):
                 self.counter.bad(path, path, str(exc))
                 continue
             self.counter.good()
-            return (image if self.transform is None else self.transform(image)), label
+            if self.transform is None:
+                return image, label
+            if self.seed is None:
+                return self.transform(image), label
+            return call_seeded(self.transform, image, sample_seed(self.seed, self.epoch, index)), label
         raise RuntimeError(f"no readable image under {self.root!r}")
 
 
@@ -261,7 +291,8 @@ class ImageFolderDataModule(_BaseDataModule):
     Files that cannot be decoded (JPEG/PNG/WEBP only, as in the shards) are logged, counted and
     replaced by the next readable file; ``max_corrupt_fraction`` applies per DataLoader worker, checked
     once it has read ``min(100, its share of the epoch)`` files. Training batches are full
-    (``drop_last``); shuffling uses ``seed`` (and ``DistributedSampler`` with ``seed`` on several ranks).
+    (``drop_last``); the training order is ``DistributedSampler``'s (shuffled by ``seed + epoch``, on one
+    rank too), so an epoch's order depends on its number only.
 
     Args:
         train: training ImageFolder root.
@@ -289,7 +320,6 @@ class ImageFolderDataModule(_BaseDataModule):
         )
         self.train, self.val = train, val
         self._datasets: dict = {}
-        self._samplers: list = []
 
     def _dataset(self, which: str) -> _ImageFiles:
         if which not in self._datasets:
@@ -309,28 +339,29 @@ class ImageFolderDataModule(_BaseDataModule):
         if self.val is not None:
             self._check_classes(self.classes, self._dataset("val").classes, f"({self.val})")
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        for sampler in self._samplers:
-            sampler.set_epoch(epoch)
-
     def _loader(self, which: str, train: bool) -> DataLoader:
         dataset = self._dataset(which)
         dataset.transform = self.train_transform if train else self.val_transform
+        dataset.seed = self.seed if train else None
         rank, world_size = self.dist_info()
-        if world_size > 1:
-            sampler: Any = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=self.seed)
-            sampler.set_epoch(self.current_epoch())
-            self._samplers.append(sampler)
-        elif train:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed + self.current_epoch()))
-        else:
-            sampler = SequentialSampler(dataset)
-        if train and math.ceil(len(dataset) / world_size) < self.batch_size:
+        if not train:
+            sampler: Any = (
+                DistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1
+                else SequentialSampler(dataset)
+            )
+            return DataLoader(dataset, sampler=sampler, **self._loader_kwargs())
+        if math.ceil(len(dataset) / world_size) < self.batch_size:
             raise ValueError(
                 f"{self.train!r} has {len(dataset)} images: fewer than one batch of {self.batch_size} per rank"
             )
-        return DataLoader(dataset, sampler=sampler, drop_last=train, **self._loader_kwargs())
+        sampler = ResumableSampler(dataset, world_size, rank, shuffle=True, seed=self.seed)
+
+        def start(epoch: int, skip_batches: int) -> None:
+            sampler.set_epoch(epoch)
+            sampler.skip = skip_batches * self.batch_size
+            dataset.epoch = epoch
+
+        return self._train_loader(dataset, start, workers_matter=False, sampler=sampler, drop_last=True)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

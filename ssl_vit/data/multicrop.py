@@ -82,6 +82,8 @@ class MultiCropTransform:
         global_scale = _check_scale("global_scale", global_scale)
         local_scale = _check_scale("local_scale", local_scale)
         sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        # kept for the device-side half of ssl_vit.data.gpu_augment.MultiCropCrops
+        self.mean, self.std, self.blur_sigma = tuple(float(m) for m in mean), tuple(float(v) for v in std), sigma
         normalize = [
             v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), v2.ToPureTensor()
         ]
@@ -117,6 +119,10 @@ class MultiCropTransform:
         else:
             raise TypeError(f"MultiCropTransform takes PIL images or uint8 tensors, got {type(image).__name__}")
         return [view(image) for view in self.views]
+
+    def output_sizes(self) -> List[Tuple[int, int]]:
+        """``(H, W)`` of every view, in the order ``__call__`` returns them (read by the start-up checks)."""
+        return [(self.global_size, self.global_size)] * 2 + [(self.local_size, self.local_size)] * self.num_local
 
     def __repr__(self) -> str:
         return (

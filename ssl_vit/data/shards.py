@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from tqdm.auto import tqdm
 from webdataset import TarWriter
 
-from ssl_vit.data.pipeline import FORMAT_KEYS, CorruptSampleError, open_image
+from ssl_vit.data.decode import FORMAT_KEYS, CorruptSampleError, open_image
 
 logger = logging.getLogger(__name__)
 

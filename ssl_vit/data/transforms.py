@@ -13,7 +13,7 @@ tensor ``[3, size, size]`` normalised with ``mean``/``std`` (ImageNet statistics
 DINO's multi-crop lives in :mod:`ssl_vit.data.multicrop`; finetuning augmentations come from timm.
 """
 import math
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -96,6 +96,10 @@ class PretrainTransform:
     def __call__(self, image: Any) -> Tensor:
         return self.transform(image)
 
+    def output_sizes(self) -> List[Tuple[int, int]]:
+        """``[(H, W)]`` of the one tensor this transform returns (read by the start-up checks)."""
+        return [(self.size, self.size)]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.transform})"
 
@@ -143,6 +147,10 @@ class EvalTransform:
 
     def __call__(self, image: Any) -> Tensor:
         return self.transform(image)
+
+    def output_sizes(self) -> List[Tuple[int, int]]:
+        """``[(H, W)]`` of the one tensor this transform returns (read by the start-up checks)."""
+        return [(self.size, self.size)]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.transform})"

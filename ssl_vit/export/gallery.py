@@ -2,7 +2,7 @@
 
 Inputs are image files, folders (searched recursively) and webdataset shards (``*.tar`` files,
 glob or brace patterns such as ``shards/train-{000000..000009}.tar``; each sample's first
-jpg/jpeg/png/webp member is decoded by ``ssl_vit.data.pipeline.open_image``, which allows only the
+jpg/jpeg/png/webp member is decoded by ``ssl_vit.data.decode.open_image``, which allows only the
 JPEG/PNG/WEBP decoders; other members are ignored; a shard's images are held in memory).
 Each image is resized so that its *shorter* side is ``image_size`` (keeping the aspect ratio, EXIF
 orientation applied), then center-cropped so both sides are multiples of the patch size, and
@@ -35,8 +35,8 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 from webdataset.shardlists import expand_urls
 
-from ssl_vit.data.pipeline import IMAGE_KEYS as SHARD_IMAGE_KEYS
-from ssl_vit.data.pipeline import open_image
+from ssl_vit.data.decode import IMAGE_KEYS as SHARD_IMAGE_KEYS
+from ssl_vit.data.decode import open_image
 from ssl_vit.export.attention import attention_maps, best_head, jaccard_index, mass_threshold_masks
 from ssl_vit.models.backbone import patch_size
 

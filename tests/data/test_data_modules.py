@@ -7,7 +7,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from ssl_vit.data import EvalTransform, ImageFolderDataModule, PretrainTransform, ShardDataModule, write_shards
-from ssl_vit.data.pipeline import CorruptDataError
+from ssl_vit.data.decode import CorruptDataError
 
 TO_TENSOR = EvalTransform(size=8, crop_pct=1.0)
 

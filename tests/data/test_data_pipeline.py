@@ -14,7 +14,8 @@ import pytorch_lightning as pl
 import torch
 
 from ssl_vit.data import EvalTransform, ShardDataModule, write_shards
-from ssl_vit.data.pipeline import CorruptCounter, CorruptDataError, ShardReadError, default_info_path, load_shard_info
+from ssl_vit.data.decode import CorruptCounter, CorruptDataError, ShardReadError
+from ssl_vit.data.shard_info import default_info_path, load_shard_info
 
 TO_TENSOR = EvalTransform(size=8, crop_pct=1.0)
 
