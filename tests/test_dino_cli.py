@@ -8,7 +8,8 @@ import torch
 import yaml
 from PIL import Image
 
-from ssl_vit.cli import main as cli_main
+from ssl_vit.cli import main as cli_main, run_lightning
+from ssl_vit.data.gpu_augment import MultiCropGPUAugment
 from ssl_vit.data import write_shards
 from ssl_vit.export.backbone import load_backbone
 from ssl_vit.methods.dino import DINO
@@ -33,6 +34,29 @@ def shards(tmp_path_factory):
 def test_smoke_recipe_runs_with_fast_dev_run(shards, tmp_path):
     cli_main(["fit", "--config", SMOKE, "--trainer.fast_dev_run", "true", "--data.train", shards,
               "--trainer.default_root_dir", str(tmp_path)])
+
+
+def test_smoke_recipe_with_device_side_augmentation(shards, tmp_path, monkeypatch):
+    """With MultiCropCrops the loader yields uint8 crops and DINO augments them batched on the device
+    (``on_after_batch_transfer``): the training step sees normalised float views of both sizes."""
+    seen, step = [], DINO.training_step
+
+    def recording_step(self, batch, batch_idx):
+        seen.append([(v.dtype, tuple(v.shape[-2:]), float(v.mean())) for v in batch[0]])
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(DINO, "training_step", recording_step)
+    cli = run_lightning([
+        "fit", "--config", SMOKE, "--data.train", shards, "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.max_steps", "2",
+        "--data.train_transform.class_path", "ssl_vit.data.gpu_augment.MultiCropCrops",
+    ])
+    assert isinstance(cli.model.augment, MultiCropGPUAugment)
+    assert len(seen) == 2
+    for views in seen:
+        assert [dtype for dtype, _, _ in views] == [torch.float32] * 4
+        assert [size for _, size, _ in views] == [(32, 32)] * 2 + [(16, 16)] * 2
+        assert all(abs(mean) < 3 for _, _, mean in views)  # normalised, not 0..255
 
 
 def test_cli_checkpoint_loads_as_the_teacher_backbone(shards, tmp_path):

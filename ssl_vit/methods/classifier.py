@@ -36,6 +36,7 @@ class ClassifierModule(ScheduledModule):
         raise NotImplementedError
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         num_classes = resolve_num_classes(self.num_classes, self.trainer)
         if self.head is None:
             self.head = self.make_head(num_classes)

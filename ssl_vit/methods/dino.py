@@ -9,24 +9,35 @@ Where each step happens (per optimiser step, in Lightning's order):
 1. ``on_train_batch_start`` (ScheduledModule): learning rate and weight decay of this step.
 2. ``training_step``: teacher on the 2 global crops (no grad), student on all crops, DINO loss with
    this step's teacher temperature; the centre is updated (all-reduced) inside the loss.
-3. ``on_before_optimizer_step``: ALL gradient handling, on unscaled gradients: per-tensor clipping
+3. ``on_before_optimizer_step``: the non-finite guard (``ScheduledModule``) decides on the device
+   whether this step is applied; then ALL gradient handling, on unscaled gradients: per-tensor clipping
    to ``clip_grad`` (as the reference ``clip_gradients``), then the head's last layer gradients are
    set to None during the first ``freeze_last_layer`` epochs (AdamW then skips it entirely: no
    update, no weight decay). Trainer-level ``gradient_clip_val`` is refused (it would clip twice).
 4. ``optimizer_step``: the optimiser step, and right after it the teacher EMA with this step's
    momentum. Lightning calls ``optimizer_step`` only on real optimiser steps, so under gradient
-   accumulation the teacher moves once per optimiser step, like the student.
+   accumulation the teacher moves once per optimiser step, like the student. On a step the guard
+   skipped, the student, the teacher and the centre all keep their values (no host sync: the EMA
+   momentum becomes the device tensor ``where(bad, 1, m)``; the guard rolls the centre back).
 """
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ssl_vit.data.gpu_augment import MultiCropGPUAugment, augment_batch, device_augment_for
 from ssl_vit.losses.dino import DINOLoss, teacher_stats
 from ssl_vit.methods.base import CHECKPOINT_KEY, ScheduledModule, backbone_metadata, param_groups
+from ssl_vit.methods.nonfinite import Policy
 from ssl_vit.methods.schedules import at, cosine_schedule, linear_then_constant
 from ssl_vit.models.backbone import create_backbone
 from ssl_vit.models.dino_head import DINOHead, MultiCropNet
+from ssl_vit.models.speed import configure_blocks
+
+# Lightning warns whenever a module overrides on_after_batch_transfer while a DataModule is used;
+# DINO's override (device-side augmentation) is deliberate.
+warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
 
 NUM_GLOBAL_CROPS = 2  # the teacher sees the first two crops of every batch
 
@@ -77,6 +88,17 @@ class DINO(ScheduledModule):
         clip_grad: per-tensor gradient norm limit (0 disables clipping).
         base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas: see
             ``ScheduledModule`` (DINO: 5e-4 per 256 images, 10 warm-up epochs, 1e-6, 0.04 -> 0.4).
+        on_nonfinite, max_skipped_steps, nonfinite_check_every: the non-finite guard, see
+            ``ScheduledModule``.
+        compile_blocks: ``torch.compile`` every student and teacher block (GPU runs; one graph per
+            crop resolution, see ``ssl_vit.models.speed``).
+        grad_checkpointing: recompute the student's blocks in backward (activation memory).
+        compile_augment: ``torch.compile`` the device-side augmentation used when the train
+            transform is ``ssl_vit.data.gpu_augment.MultiCropCrops`` (GPU runs).
+
+    Augmentation on the device: when the datamodule's ``train_transform`` is ``MultiCropCrops`` (crops
+    and flips only, uint8 views), colour jitter, grayscale, blur, solarisation and normalisation run
+    batched on the device in ``on_after_batch_transfer``, with the CPU path's distribution.
     """
 
     def __init__(
@@ -109,8 +131,18 @@ class DINO(ScheduledModule):
         weight_decay: float = 0.04,
         weight_decay_end: Optional[float] = 0.4,
         betas: Sequence[float] = (0.9, 0.999),
+        on_nonfinite: Policy = "skip",
+        max_skipped_steps: Optional[int] = 100,
+        nonfinite_check_every: Optional[int] = None,
+        compile_blocks: bool = False,
+        grad_checkpointing: bool = False,
+        compile_augment: bool = False,
     ) -> None:
-        super().__init__(base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas)
+        super().__init__(
+            base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas,
+            on_nonfinite=on_nonfinite, max_skipped_steps=max_skipped_steps,
+            nonfinite_check_every=nonfinite_check_every,
+        )
         self.save_hyperparameters()
         temps = dict(student_temp=student_temp, warmup_teacher_temp=warmup_teacher_temp, teacher_temp=teacher_temp)
         for name, value in temps.items():
@@ -144,6 +176,10 @@ class DINO(ScheduledModule):
         self.teacher = build(0.0)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
+        configure_blocks(self.student.backbone, compile_blocks, grad_checkpointing)
+        configure_blocks(self.teacher.backbone, compile_blocks)
+        self.compile_augment = compile_augment
+        self.augment: Optional[MultiCropGPUAugment] = None  # set in setup() from the train transform
         self.loss = DINOLoss(out_dim, center_momentum)
 
         self.student_temp = student_temp
@@ -154,6 +190,19 @@ class DINO(ScheduledModule):
         self.clip_grad = clip_grad
         self.momentum_schedule: Optional[Tensor] = None
         self.teacher_temp_schedule: Optional[Tensor] = None
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        transform = getattr(datamodule, "train_transform", None)
+        # seeded from the process's seed (seed_everything), so runs are reproducible
+        self.augment = device_augment_for(transform, seed=torch.initial_seed() % 2**31, compile=self.compile_augment)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Device-side augmentation of uint8 crop batches (``MultiCropCrops``); others pass through."""
+        if self._trainer is not None and self.trainer.training:
+            batch = augment_batch(batch, self.augment)
+        return batch
 
     # -- optimisation ----------------------------------------------------------------------------
     def optimizer_param_groups(self) -> List[Dict]:
@@ -206,8 +255,9 @@ class DINO(ScheduledModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Per-tensor clipping of the student's gradients, then the last-layer freeze (gradients
-        are unscaled here under AMP)."""
+        """The non-finite guard, then per-tensor clipping of the student's gradients, then the
+        last-layer freeze (gradients are unscaled here under AMP)."""
+        super().on_before_optimizer_step(optimizer)
         if self.clip_grad > 0:
             grads = [p.grad for p in self.student.parameters() if p.grad is not None]
             clip_grad_per_tensor_(grads, self.clip_grad)
@@ -238,11 +288,21 @@ class DINO(ScheduledModule):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """``teacher <- momentum * teacher + (1 - momentum) * student`` for every parameter, with
-        foreach kernels (buffers are not averaged, as in the reference)."""
+        foreach kernels (buffers are not averaged, as in the reference).
+
+        During training, on a step the non-finite guard skipped, the momentum is 1 (the teacher
+        holds still), chosen on the device: ``m = where(bad, 1, momentum)``, no host sync.
+        """
         teacher = list(self.teacher.parameters())
         student = [p.detach() for p in self.student.parameters()]
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+        bad = self.nonfinite.bad
+        if bad is None:  # outside training
+            torch._foreach_mul_(teacher, momentum)
+            torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+            return
+        keep = torch.where(bad, 1.0, momentum)  # float32 [] on the device
+        torch._foreach_mul_(teacher, keep)
+        torch._foreach_add_(teacher, torch._foreach_mul(student, torch.where(bad, 0.0, 1.0 - momentum)))
 
     # -- inference and checkpoints ---------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:

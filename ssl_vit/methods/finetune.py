@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ssl_vit.methods.base import param_groups
 from ssl_vit.methods.classifier import ClassifierModule
 from ssl_vit.methods.knn import build_backbone
+from ssl_vit.methods.nonfinite import Policy
 
 
 class FinetuneTransform:
@@ -104,6 +105,8 @@ class Finetune(ClassifierModule):
         label_smoothing: label smoothing.
         head_init_std: std of the classifier weight init (MAE: 2e-5).
         base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas: ``ScheduledModule``.
+        on_nonfinite, max_skipped_steps, nonfinite_check_every: the non-finite guard, see
+            ``ScheduledModule``.
     """
 
     stage = "finetune"
@@ -131,8 +134,15 @@ class Finetune(ClassifierModule):
         weight_decay: float = 0.05,
         weight_decay_end: Optional[float] = None,
         betas: Sequence[float] = (0.9, 0.999),
+        on_nonfinite: Policy = "skip",
+        max_skipped_steps: Optional[int] = 100,
+        nonfinite_check_every: Optional[int] = None,
     ) -> None:
-        super().__init__(base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas)
+        super().__init__(
+            base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas,
+            on_nonfinite=on_nonfinite, max_skipped_steps=max_skipped_steps,
+            nonfinite_check_every=nonfinite_check_every,
+        )
         if not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
         for name, value in dict(mixup=mixup, cutmix=cutmix, drop_path_rate=drop_path_rate).items():

@@ -12,9 +12,11 @@ from torch import nn
 
 from ssl_vit.losses.mae import denormalize_patches, mae_loss
 from ssl_vit.methods.base import CHECKPOINT_KEY, ScheduledModule, backbone_metadata
+from ssl_vit.methods.nonfinite import Policy
 from ssl_vit.models.backbone import create_backbone
 from ssl_vit.models.mae_decoder import MAEDecoder
 from ssl_vit.models.masked_vit import MaskedViT
+from ssl_vit.models.speed import configure_blocks
 from ssl_vit.models.patches import patchify, unpatchify
 
 _REQUIRED_WITHOUT_ARCH = ("patch_size", "embed_dim", "depth", "num_heads")
@@ -72,6 +74,10 @@ class MAE(ScheduledModule):
         mask_ratio: fraction of patches hidden from the encoder during training.
         drop_path_rate: stochastic depth of the encoder (training only; not stored as backbone metadata).
         base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas: see ``ScheduledModule``.
+        on_nonfinite, max_skipped_steps, nonfinite_check_every: the non-finite guard, see ``ScheduledModule``.
+        compile_blocks: ``torch.compile`` every encoder and decoder block (GPU runs; see
+            ``ssl_vit.models.speed``).
+        grad_checkpointing: recompute the encoder's blocks in backward (activation memory of ViT-L/H).
 
     Batches are ``(images, labels)``; ``images`` is ``[B, C, H, W]`` or a list of views, of which
     only the first is used. Labels are ignored.
@@ -100,14 +106,21 @@ class MAE(ScheduledModule):
         weight_decay: float = 0.05,
         weight_decay_end: Optional[float] = None,
         betas: Sequence[float] = (0.9, 0.95),
+        on_nonfinite: Policy = "skip",
+        max_skipped_steps: Optional[int] = 100,
+        nonfinite_check_every: Optional[int] = None,
+        compile_blocks: bool = False,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__(
             base_lr=base_lr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
             weight_decay=weight_decay, weight_decay_end=weight_decay_end, betas=betas,
+            on_nonfinite=on_nonfinite, max_skipped_steps=max_skipped_steps,
+            nonfinite_check_every=nonfinite_check_every,
         )
         self.save_hyperparameters()
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if not 0.0 < mask_ratio < 1.0:  # 0 would leave no masked patch to learn from
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.backbone_arch, self.backbone_kwargs = mae_backbone_spec(
@@ -127,6 +140,7 @@ class MAE(ScheduledModule):
             num_prefix_tokens=vit.num_prefix_tokens,
         )
         self.reset_parameters()
+        configure_blocks(vit, compile_blocks, grad_checkpointing, extra_blocks=self.decoder.blocks)
 
     def reset_parameters(self) -> None:
         """The reference initialisation: Xavier-uniform linear layers (the patch embedding seen as

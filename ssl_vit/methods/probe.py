@@ -33,6 +33,7 @@ from ssl_vit.methods.knn import (
     split_for_rank,
     vit_features,
 )
+from ssl_vit.methods.nonfinite import Policy
 
 Protocol = Literal["mae", "dino"]
 # Protocol defaults: base lr (for a batch of 256) and warm-up epochs.
@@ -62,6 +63,8 @@ class LinearProbe(ClassifierModule):
         warmup_epochs: linear warm-up (protocol default when None).
         weight_decay: weight decay of the linear weight.
         momentum: SGD / LARS momentum.
+        on_nonfinite, max_skipped_steps, nonfinite_check_every: the non-finite guard, see
+            ``ScheduledModule``.
     """
 
     stage = "probe"
@@ -82,6 +85,9 @@ class LinearProbe(ClassifierModule):
         warmup_epochs: Optional[float] = None,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
+        on_nonfinite: Policy = "skip",
+        max_skipped_steps: Optional[int] = 100,
+        nonfinite_check_every: Optional[int] = None,
     ) -> None:
         if protocol not in PROTOCOL_DEFAULTS:
             raise ValueError(f"protocol must be 'mae' or 'dino', got {protocol!r}")
@@ -92,6 +98,9 @@ class LinearProbe(ClassifierModule):
             min_lr=min_lr,
             warmup_epochs=defaults["warmup_epochs"] if warmup_epochs is None else warmup_epochs,
             weight_decay=weight_decay,
+            on_nonfinite=on_nonfinite,
+            max_skipped_steps=max_skipped_steps,
+            nonfinite_check_every=nonfinite_check_every,
         )
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
