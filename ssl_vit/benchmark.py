@@ -7,9 +7,10 @@ both ends of the timed window. FLOPs per image are counted with ``torch.utils.fl
 eager training step (forward and backward); MFU divides the achieved model FLOP rate by a dense matrix
 product peak measured on the same device in the same run (bf16 on CUDA, fp32 on CPU).
 """
+import gc
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
@@ -27,6 +28,9 @@ class BenchConfig:
     warmup: int = 5
     precision: str = "bf16-mixed"
     compile: bool = False
+    grad_checkpointing: bool = False
+    gpu_augment: bool = False
+    sync_debug: bool = False
     device: str = "cuda"
     data: str = "synthetic"
     workers: int = 8
@@ -47,18 +51,24 @@ class BenchConfig:
             raise ValueError(f"--warmup must be >= 1 (the first step compiles and allocates), got {self.warmup}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but CUDA is not available here; use --device cpu")
+        if self.sync_debug and self.device != "cuda":
+            raise ValueError("--sync-debug checks CUDA host-device synchronisation: it needs --device cuda")
+        if self.gpu_augment and (self.method != "dino" or self.data == "synthetic"):
+            raise ValueError("--gpu-augment is DINO's device-side augmentation of real shards: use --method dino --data SHARDS")
 
 
 def build_module(cfg: BenchConfig) -> pl.LightningModule:
-    """The LightningModule at the reference settings (MAE: norm_pix_loss; DINO: K prototypes)."""
-    lr = 1e-4  # absolute: throughput does not depend on it, and no datamodule batch size is needed
+    """The LightningModule at the reference settings (MAE: norm_pix_loss; DINO: K prototypes), with
+    the speed switches of ``cfg`` (compiled blocks, activation checkpointing, device augmentation)."""
+    # lr is absolute: throughput does not depend on it, and no datamodule batch size is needed
+    speed = dict(lr=1e-4, compile_blocks=cfg.compile, grad_checkpointing=cfg.grad_checkpointing)
     if cfg.method == "mae":
         from ssl_vit.methods.mae import MAE
 
-        return MAE(arch=cfg.arch, img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, norm_pix_loss=True, lr=lr)
+        return MAE(arch=cfg.arch, img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, norm_pix_loss=True, **speed)
     from ssl_vit.methods.dino import DINO
 
-    return DINO(arch=cfg.arch, img_size=cfg.global_size, out_dim=cfg.out_dim, lr=lr)
+    return DINO(arch=cfg.arch, img_size=cfg.global_size, out_dim=cfg.out_dim, compile_augment=cfg.compile, **speed)
 
 
 class _Synthetic(Dataset):
@@ -87,20 +97,22 @@ def synthetic_loader(cfg: BenchConfig, length: int) -> DataLoader:
 
 def shard_datamodule(cfg: BenchConfig) -> pl.LightningDataModule:
     from ssl_vit.data import PretrainTransform, ShardDataModule
+    from ssl_vit.data.gpu_augment import MultiCropCrops
     from ssl_vit.data.multicrop import MultiCropTransform
 
     if cfg.method == "mae":
         transform: Any = PretrainTransform(size=cfg.img_size)
     else:
-        transform = MultiCropTransform(global_size=cfg.global_size, local_size=cfg.local_size, num_local=cfg.local_crops)
+        crops = MultiCropCrops if cfg.gpu_augment else MultiCropTransform  # crops only, or everything on CPU
+        transform = crops(global_size=cfg.global_size, local_size=cfg.local_size, num_local=cfg.local_crops)
     return ShardDataModule(train=cfg.data, batch_size=cfg.batch_size, num_workers=cfg.workers, train_transform=transform)
 
 
 class _StepTimer(pl.Callback):
     """Wall time and peak memory of the steps after ``warmup``, device synchronised at both ends."""
 
-    def __init__(self, warmup: int, steps: int) -> None:
-        self.warmup, self.steps = warmup, steps
+    def __init__(self, warmup: int, steps: int, sync_debug: bool = False) -> None:
+        self.warmup, self.steps, self.sync_debug = warmup, steps, sync_debug
         self.done = 0
         self.start: Optional[float] = None
         self.elapsed: Optional[float] = None
@@ -112,7 +124,11 @@ class _StepTimer(pl.Callback):
             if pl_module.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(pl_module.device)
             self.start = time.perf_counter()
+            if self.sync_debug:  # any host-device synchronisation from here on raises, with its stack
+                torch.cuda.set_sync_debug_mode("error")
         elif self.done == self.warmup + self.steps:
+            if self.sync_debug:
+                torch.cuda.set_sync_debug_mode("default")
             _sync(pl_module.device)
             self.elapsed = time.perf_counter() - self.start
 
@@ -176,7 +192,7 @@ def _trainer(cfg: BenchConfig, max_steps: int, callbacks: List[pl.Callback]) -> 
 def count_flops_per_image(cfg: BenchConfig) -> float:
     """GFLOP per image of one eager training step (forward + backward)."""
     counter = _FlopCounter()
-    module = build_module(cfg)
+    module = build_module(replace(cfg, compile=False))  # eager: the counter sees every operation
     _trainer(cfg, 1, [counter]).fit(module, train_dataloaders=synthetic_loader(cfg, 1))
     return counter.flops / cfg.batch_size / 1e9
 
@@ -185,11 +201,7 @@ def run_benchmark(cfg: BenchConfig) -> Dict[str, Any]:
     """Run the benchmark and return the result row (see the module docstring)."""
     gflop_per_img = count_flops_per_image(cfg)
     module = build_module(cfg)
-    if cfg.compile:
-        backbones = [m for name, m in module.named_modules() if name.endswith(("encoder", "backbone"))]
-        for backbone in backbones:
-            backbone.compile()
-    timer = _StepTimer(cfg.warmup, cfg.steps)
+    timer = _StepTimer(cfg.warmup, cfg.steps, cfg.sync_debug)
     total = cfg.warmup + cfg.steps
     trainer = _trainer(cfg, total, [timer])
     if cfg.data == "synthetic":
@@ -215,6 +227,37 @@ def run_benchmark(cfg: BenchConfig) -> Dict[str, Any]:
     return result
 
 
+def find_max_batch(cfg: BenchConfig, limit: int = 8192) -> Dict[str, Any]:
+    """The largest batch that trains without running out of device memory: doubling from
+    ``cfg.batch_size``, then bisection; each try is a short run (1 warm-up + 2 timed steps). Returns
+    the result row of the largest batch that fits, with ``max_batch`` added."""
+    def fits(batch: int) -> Optional[Dict[str, Any]]:
+        try:
+            return run_benchmark(replace(cfg, batch_size=batch, warmup=1, steps=2))
+        except torch.cuda.OutOfMemoryError:
+            return None
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    low, high, best = 0, None, None
+    batch = cfg.batch_size
+    while high is None and batch <= limit:  # double until a batch does not fit
+        row = fits(batch)
+        if row is None:
+            high = batch
+        else:
+            low, best, batch = batch, row, batch * 2
+    if best is None:
+        raise RuntimeError(f"batch {cfg.batch_size} already runs out of memory: start lower")
+    while high is not None and high - low > max(1, low // 16):  # bisect to ~6%
+        mid = (low + high) // 2
+        row = fits(mid)
+        low, best, high = (mid, row, high) if row is not None else (low, best, mid)
+    return {**best, "max_batch": low}
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     import argparse
 
@@ -226,7 +269,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--warmup", type=int, default=defaults.warmup)
     p.add_argument("--precision", default=defaults.precision, help="Lightning precision: bf16-mixed, 16-mixed, 32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--compile", action="store_true", help="torch.compile every block (and DINO's device augmentation)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute the encoder blocks in backward")
+    p.add_argument("--gpu-augment", action="store_true",
+                   help="DINO with --data SHARDS: crops on CPU, colour/blur/solarise batched on the device")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="fail on any host-device synchronisation in the timed steps (CUDA)")
+    p.add_argument("--find-max-batch", action="store_true",
+                   help="search the largest batch that fits in device memory, from --batch-size up")
+    p.add_argument("--append", default=None, help="also append the JSON line to this file")
     p.add_argument("--device", default=defaults.device, choices=["cuda", "cpu"])
     p.add_argument("--data", default="synthetic", help="'synthetic' or a shard pattern (with its JSON beside it)")
     p.add_argument("--workers", type=int, default=defaults.workers)
@@ -237,10 +288,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--local-crops", type=int, default=defaults.local_crops)
     p.add_argument("--out-dim", type=int, default=defaults.out_dim, help="DINO prototypes K")
     args = p.parse_args(argv)
+    append, search = args.__dict__.pop("append"), args.__dict__.pop("find_max_batch")
     try:
         cfg = BenchConfig(**{k: v for k, v in vars(args).items()})
     except ValueError as err:
         p.error(str(err))
-    result = run_benchmark(cfg)
+    if search and cfg.device != "cuda":
+        p.error("--find-max-batch searches device memory: it needs --device cuda")
+    result = find_max_batch(cfg) if search else run_benchmark(cfg)
     print(json.dumps(result), flush=True)
+    if append:
+        with open(append, "a") as f:
+            f.write(json.dumps(result) + "\n")
     return result
