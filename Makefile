@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo quality clean
 
 install: $(STAMP)
 
@@ -18,6 +18,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m ssl_vit demo --output runs/demo
+
+# CIFAR-10 representation quality on one GPU (docs/results.md); QUALITY_ARGS adds options, e.g.
+# QUALITY_ARGS="--budget-minutes 10 --stop-after dino_pretrain"
+CIFAR10 ?= ../shared/datasets/cifar10-jpg.tar.gz
+quality: $(STAMP)
+	$(PY) tools/bench_quality.py --data $(CIFAR10) --output runs/quality --resume $(QUALITY_ARGS)
+	cp runs/quality/attention_gallery.png docs/attention_gallery.png
 
 clean:
 	rm -rf runs .pytest_cache

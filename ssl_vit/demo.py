@@ -11,71 +11,30 @@ Everything goes under ``--output``; ``summary.json`` holds the accuracies, timin
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
+from ssl_vit.runs import KNN_K, KNN_T, backbone_features, knn_accuracy, run_cli
+from ssl_vit.runs import shard_pattern as _shard_pattern
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "demo"
-KNN_K, KNN_T = 20, 0.07
-
-
-def _shard_pattern(info: Dict[str, Any], folder: Path) -> str:
-    shards = info["shards"]
-    first, last = Path(shards[0]).stem, Path(shards[-1]).stem
-    prefix, start = first.rsplit("-", 1)
-    end = last.rsplit("-", 1)[1]
-    return str(folder / (f"{prefix}-{start}.tar" if start == end else f"{prefix}-{{{start}..{end}}}.tar"))
 
 
 def _pretrain(recipe: Path, train: str, run_dir: Path, epochs: Optional[int], seed: int) -> Path:
     """`ssl-vit fit` with a demo recipe; returns the final checkpoint."""
-    from ssl_vit.cli import run_lightning
-
     if not recipe.is_file():
         raise FileNotFoundError(f"demo recipe {recipe} is missing: run the demo from a checkout of ssl_vit")
     args = ["fit", "--config", str(recipe), "--data.train", train, "--trainer.default_root_dir", str(run_dir),
             "--seed_everything", str(seed)]
     if epochs is not None:
         args += ["--trainer.max_epochs", str(epochs)]
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees the demo's own argv
-    try:
-        cli = run_lightning(args)
-    finally:
-        sys.argv = argv
+    cli = run_cli(args, stage=f"demo {recipe.stem}")
     ckpt = run_dir / "last.ckpt"
     cli.trainer.save_checkpoint(ckpt, weights_only=False)  # full state: a run can resume from it
     return ckpt
-
-
-def _loader(folder: Path, size: int) -> torch.utils.data.DataLoader:
-    """Every image of an ImageFolder once, in order, un-augmented."""
-    from ssl_vit.data import EvalTransform, ImageFolderDataModule
-
-    dm = ImageFolderDataModule(train=str(folder), val=str(folder), batch_size=256, num_workers=0, pin_memory=False,
-                               val_transform=EvalTransform(size=size, crop_pct=1.0))
-    dm.setup("validate")
-    return dm.val_dataloader()
-
-
-def knn_accuracy(feature_fn: Callable[[torch.Tensor], torch.Tensor], train: Path, test: Path, size: int) -> float:
-    """Top-1 of the weighted k-NN classifier (k=20, T=0.07, cosine) of ``feature_fn``'s features."""
-    from ssl_vit.methods.knn import extract_features, knn_classify
-
-    train_feats, train_labels = extract_features(feature_fn, _loader(train, size))
-    test_feats, test_labels = extract_features(feature_fn, _loader(test, size))
-    num_classes = int(train_labels.max()) + 1
-    scores = knn_classify(train_feats, train_labels, test_feats, num_classes, k=KNN_K, temperature=KNN_T)
-    return float((scores.argmax(1) == test_labels).float().mean())
-
-
-def _backbone_features(model: torch.nn.Module, feature: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    from ssl_vit.methods.knn import vit_features
-
-    model.eval()
-    return lambda images: vit_features(model, images, feature=feature)
 
 
 def run_demo(
@@ -129,7 +88,7 @@ def run_demo(
         random = create_backbone(meta["arch"], **meta["backbone_kwargs"])
         feature = feature_of[method]
         for name, model in ((f"{method.upper()} pretrained", trained), (f"{method.upper()} random weights", random)):
-            rows.append({"features": f"{name} ({feature})", "knn_top1": knn_accuracy(_backbone_features(model, feature), train_dir, test_dir, 32)})
+            rows.append({"features": f"{name} ({feature})", "knn_top1": knn_accuracy(backbone_features(model, feature), train_dir, test_dir, 32)})
         timings[f"{method}_knn_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
