@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 from PIL import Image
@@ -44,7 +44,7 @@ def _proc_kib(path: str, field: str) -> Optional[int]:
 
 
 def children(pid: int) -> List[int]:
-    """Pids whose parent is ``pid``, except torch's shared-memory manager (the ``file_system``
+    """Live pids whose parent is ``pid``, except torch's shared-memory manager (the ``file_system``
     sharing strategy starts one; it is not a DataLoader worker)."""
     found = []
     for entry in os.listdir("/proc"):
@@ -54,15 +54,17 @@ def children(pid: int) -> List[int]:
                     name, rest = f.read().split(" (", 1)[1].rsplit(")", 1)
             except (OSError, IndexError, ValueError):
                 continue
-            if int(rest.split()[1]) == pid and not name.startswith("torch_shm"):
+            state, parent = rest.split()[:2]
+            if int(parent) == pid and state != "Z" and not name.startswith("torch_shm"):  # Z: exited
                 found.append(int(entry))
     return found
 
 
-def memory(pid: int) -> Dict[str, float]:
-    """MiB: ``main_rss``, ``workers_rss`` (children summed), ``total_rss``, ``total_pss`` and ``workers``."""
+def memory(pid: int, exclude: Iterable[int] = ()) -> Dict[str, float]:
+    """MiB: ``main_rss``, ``workers_rss`` (children summed), ``total_rss``, ``total_pss`` and ``workers``;
+    children in ``exclude`` (those that existed before the loader started) are not counted."""
     main = _proc_kib(f"/proc/{pid}/status", "VmRSS") or 0
-    kids = children(pid)
+    kids = [c for c in children(pid) if c not in set(exclude)]
     worker_rss = sum(_proc_kib(f"/proc/{c}/status", "VmRSS") or 0 for c in kids)
     pss = sum(_proc_kib(f"/proc/{p}/smaps_rollup", "Pss") or 0 for p in [pid, *kids])
     return {"main_rss": main / MIB, "workers_rss": worker_rss / MIB, "total_rss": (main + worker_rss) / MIB,
@@ -98,6 +100,7 @@ def soak(shards: str, args: argparse.Namespace) -> Dict:
     batches = len(loader)
     marks = {round(k * (batches - 1) / max(1, args.samples_per_epoch - 1)) for k in range(args.samples_per_epoch)}
     pid, start = os.getpid(), time.perf_counter()
+    others = children(pid)  # not DataLoader workers (e.g. subprocesses of the caller)
     series: Dict[str, List[float]] = {"total_rss": [], "total_pss": [], "main_rss_after_epoch": []}
     workers_seen = 0
     for epoch in range(args.epochs):
@@ -105,10 +108,10 @@ def soak(shards: str, args: argparse.Namespace) -> Dict:
         began, peak = time.perf_counter(), None
         for index, _ in enumerate(loader):
             if index in marks:
-                now = memory(pid)
+                now = memory(pid, others)
                 workers_seen = max(workers_seen, int(now["workers"]))
                 peak = now if peak is None or now["total_rss"] > peak["total_rss"] else peak
-        after = memory(pid)["main_rss"]
+        after = memory(pid, others)["main_rss"]
         series["total_rss"].append(peak["total_rss"])
         series["total_pss"].append(peak["total_pss"])
         series["main_rss_after_epoch"].append(after)
