@@ -7,7 +7,7 @@ calls ``trainer.save_checkpoint`` from inside the Python signal handler, i.e. af
 bytecode the main thread had just run: between the AdamW step and the DINO teacher update, before
 ``global_step`` counts the step (a checkpoint of a state no step boundary ever had); under DDP each
 rank enters the save's collectives at a different point of its step (with NCCL: mismatched
-collectives or a hang; Lightning-AI/pytorch-lightning#21406); and the file is not written atomically.
+collectives or a hang); and the file is not written atomically.
 
 :class:`Preemption` does no work in the handler: it records the signal, nothing else. At the end of
 a training batch that completed an optimiser step, the ranks agree on whether any of them was
@@ -29,9 +29,8 @@ monitor, longer than the warning leaves the signal unanswered until SLURM kills 
 Use it with Lightning's handler turned off (``--trainer.plugins
 '{"class_path": "pytorch_lightning.plugins.environments.SLURMEnvironment", "init_args":
 {"auto_requeue": false}}'``, as ``recipes/slurm/pretrain.sbatch`` does); with both, ``setup`` refuses
-to start. DataLoader workers get SLURM's signal too (SLURM signals every process of the step):
-forked workers (Linux's default start method up to Python 3.13) inherit this handler and only set a
-flag in their copy; workers started with ``spawn``/``forkserver`` do not, and SIGUSR1 kills them.
+to start. DataLoader workers get SLURM's signal too (SLURM signals every process of the step): the
+ssl_vit DataModules' workers ignore SIGUSR1 (their ``worker_init_fn``), whatever their start method.
 """
 import os
 import re
