@@ -260,6 +260,34 @@ def test_keeps_the_last_k_and_last_ckpt(shards, tmp_path):
         Checkpoint(dirpath="s3://bucket/run")
 
 
+class ScriptedScore(Callback):
+    """Logs a scripted ``score`` after each step (as a probe logs val/top1), for ranking checkpoints."""
+
+    def __init__(self, scores) -> None:
+        self.scores = list(scores)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.log("score", self.scores[trainer.global_step - 1], on_step=True, on_epoch=False, batch_size=1)
+
+
+@pytest.mark.parametrize("mode,best", [("max", 2), ("min", 4)])
+def test_with_a_monitor_it_keeps_the_best_and_last(mode, best, shards, tmp_path):
+    """Probe/finetune recipes: the best checkpoint by a logged metric, plus last.ckpt to resume."""
+    folder = tmp_path / "ckpt"
+    callback = Checkpoint(dirpath=str(folder), every_n_train_steps=1, keep_last=1, monitor="score", mode=mode,
+                          filename="{step}", auto_insert_metric_name=False)
+    model, dm = build("mae"), datamodule("mae", shards, 0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path),
+                         callbacks=[ScriptedScore([0.1, 0.9, 0.3, 0.05, 0.4]), callback])
+    trainer.fit(model, datamodule=dm)
+    assert sorted(os.listdir(folder)) == sorted([f"{best}.ckpt", "last.ckpt"])
+    assert safe_torch_load(folder / f"{best}.ckpt")["global_step"] == best
+    assert safe_torch_load(folder / "last.ckpt")["global_step"] == 5
+    with pytest.raises(ValueError, match="mode"):
+        Checkpoint(monitor="score", mode="best")
+
+
 def test_cli_resumes_from_last(shards, tmp_path):
     """``ssl-vit fit --config recipes/smoke/mae.yaml ... --ckpt_path last`` goes on from the last step
     (the LightningCLI in this process: ``python -m ssl_vit`` itself is covered by tests/test_cli.py)."""

@@ -115,8 +115,8 @@ def replace_atomically(partial: str, filepath: str) -> None:
 
 
 class Checkpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` for pretraining runs: atomic files, the last ``keep_last`` step-ordered
-    checkpoints plus ``last.ckpt``, and the RNG states (see the module docstring).
+    """``ModelCheckpoint`` with atomic files, the last ``keep_last`` step-ordered checkpoints (or the
+    best, with ``monitor``) plus ``last.ckpt``, and the RNG states (see the module docstring).
 
     The newest checkpoints are kept (``monitor="step"``, ``mode="max"``, ``save_top_k=keep_last``);
     a checkpoint is written every ``every_n_train_steps`` optimiser steps, or every ``every_n_epochs``
@@ -131,7 +131,11 @@ class Checkpoint(ModelCheckpoint):
         every_n_train_steps: save after every this many optimiser steps.
         every_n_epochs: save at the end of every this many epochs.
         train_time_interval: save at most this often (a ``datetime.timedelta``).
-        keep_last: checkpoints to keep besides ``last.ckpt`` (-1: all, 0: only ``last.ckpt``).
+        keep_last: checkpoints to keep besides ``last.ckpt`` (-1: all, 0: only ``last.ckpt``): the
+            newest ones, or with ``monitor`` the best ones.
+        monitor: a logged metric (``"val/top1"``) ranking the kept checkpoints instead of their step
+            (probe and finetune runs: keep the best, resume from ``last.ckpt``).
+        mode: ``"max"`` or ``"min"``: which ``monitor`` values are best.
         save_last: keep ``last.ckpt``, a copy of the newest checkpoint (the resume point).
         save_weights_only: save the module's weights only (such files cannot resume a run).
         auto_insert_metric_name: ``epoch=3-step=100`` instead of ``3-100`` for ``{epoch}-{step}``.
@@ -147,12 +151,16 @@ class Checkpoint(ModelCheckpoint):
         every_n_epochs: Optional[int] = None,
         train_time_interval: Optional[timedelta] = None,
         keep_last: int = 1,
+        monitor: Optional[str] = None,
+        mode: str = "max",
         save_last: bool = True,
         save_weights_only: bool = False,
         auto_insert_metric_name: bool = True,
         save_on_train_epoch_end: Optional[bool] = None,
         verbose: bool = False,
     ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"Checkpoint: mode must be 'max' or 'min', got {mode!r}")
         if keep_last < -1:
             raise ValueError(f"Checkpoint: keep_last must be >= -1 (-1 keeps all), got {keep_last}")
         for name, value in dict(every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs).items():
@@ -166,8 +174,8 @@ class Checkpoint(ModelCheckpoint):
         super().__init__(
             dirpath=dirpath,
             filename=filename,
-            monitor="step",
-            mode="max",
+            monitor=monitor or "step",
+            mode=mode if monitor else "max",
             save_top_k=keep_last,
             save_last=bool(save_last),
             save_weights_only=save_weights_only,
