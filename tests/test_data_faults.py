@@ -112,7 +112,9 @@ class RecordPid:
 
     def __call__(self, image):
         info = torch.utils.data.get_worker_info()
-        (self.directory / f"worker{info.id}.pid").write_text(str(os.getpid()))
+        partial = self.directory / f"worker{info.id}.pid.partial"
+        partial.write_text(str(os.getpid()))
+        os.replace(partial, self.directory / f"worker{info.id}.pid")  # never seen half-written
         return TO_TENSOR(image)
 
 
@@ -138,7 +140,12 @@ def test_worker_killed_mid_epoch_stops_the_run(shards, tmp_path, file_system_sha
     killed: List[int] = []
 
     def kill_worker_1() -> None:
-        pid = int((tmp_path / "worker1.pid").read_text())
+        path = tmp_path / "worker1.pid"
+        for _ in range(1000):  # worker 1 may not have decoded its first sample yet when batch 0 arrives
+            if path.exists():
+                break
+            time.sleep(0.01)
+        pid = int(path.read_text())
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
         _wait_until_dead(pid)
