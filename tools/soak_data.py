@@ -64,7 +64,8 @@ def memory(pid: int, exclude: Iterable[int] = ()) -> Dict[str, float]:
     """MiB: ``main_rss``, ``workers_rss`` (children summed), ``total_rss``, ``total_pss`` and ``workers``;
     children in ``exclude`` (those that existed before the loader started) are not counted."""
     main = _proc_kib(f"/proc/{pid}/status", "VmRSS") or 0
-    kids = [c for c in children(pid) if c not in set(exclude)]
+    skip = set(exclude)
+    kids = [c for c in children(pid) if c not in skip]
     worker_rss = sum(_proc_kib(f"/proc/{c}/status", "VmRSS") or 0 for c in kids)
     pss = sum(_proc_kib(f"/proc/{p}/smaps_rollup", "Pss") or 0 for p in [pid, *kids])
     return {"main_rss": main / MIB, "workers_rss": worker_rss / MIB, "total_rss": (main + worker_rss) / MIB,

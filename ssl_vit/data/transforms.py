@@ -55,7 +55,25 @@ class ToNormalisedTensor:
         return x.float().div_(255).sub_(self.mean).div_(self.std)
 
 
-class PretrainTransform:
+class _SquareTransform:
+    """What both transforms share: ``self.transform`` (a ``v2.Compose``) yields one ``[3, size, size]``
+    tensor."""
+
+    size: int
+    transform: v2.Compose
+
+    def __call__(self, image: Any) -> Tensor:
+        return self.transform(image)
+
+    def output_sizes(self) -> List[Tuple[int, int]]:
+        """``[(H, W)]`` of the one tensor this transform returns (read by the start-up checks)."""
+        return [(self.size, self.size)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform})"
+
+
+class PretrainTransform(_SquareTransform):
     """MAE pretraining augmentation: random resized crop (bicubic), horizontal flip, normalise.
 
     Args:
@@ -93,18 +111,8 @@ class PretrainTransform:
             ]
         )
 
-    def __call__(self, image: Any) -> Tensor:
-        return self.transform(image)
 
-    def output_sizes(self) -> List[Tuple[int, int]]:
-        """``[(H, W)]`` of the one tensor this transform returns (read by the start-up checks)."""
-        return [(self.size, self.size)]
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform})"
-
-
-class EvalTransform:
+class EvalTransform(_SquareTransform):
     """Evaluation transform: resize the shorter side (bicubic), centre crop, normalise.
 
     Args:
@@ -144,13 +152,3 @@ class EvalTransform:
                 ToNormalisedTensor(self.mean, self.std),
             ]
         )
-
-    def __call__(self, image: Any) -> Tensor:
-        return self.transform(image)
-
-    def output_sizes(self) -> List[Tuple[int, int]]:
-        """``[(H, W)]`` of the one tensor this transform returns (read by the start-up checks)."""
-        return [(self.size, self.size)]
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform})"

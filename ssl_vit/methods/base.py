@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ssl_vit.methods.checks import check_run
 from ssl_vit.methods.nonfinite import NonFiniteGuard, Policy, supports_found_inf, validate_policy
 from ssl_vit.methods.schedules import at, cosine_schedule
 
@@ -122,8 +123,6 @@ class ScheduledModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Start-up checks, before any compute (``ssl_vit.methods.checks.check_run``: image sizes
         against the patch size...). Subclasses that override ``setup`` call ``super()`` first."""
-        from ssl_vit.methods.checks import check_run
-
         check_run(self, stage)
 
     # -- schedules -------------------------------------------------------------------------------
