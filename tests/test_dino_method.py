@@ -157,8 +157,12 @@ def test_ema_runs_once_per_optimiser_step_with_that_steps_momentum():
     assert not all(torch.equal(a, b) for a, b in zip(model.teacher.parameters(), teacher0))
 
 
-def test_schedules_and_logged_metrics():
-    model = tiny_dino(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=1)
+@pytest.mark.parametrize("per_step,expected", [
+    (False, [0.04] * 4 + [0.07] * 4),  # the reference: linspace(0.04, 0.07, 1)[epoch], then 0.07
+    (True, [0.04, 0.05, 0.06, 0.07, 0.07, 0.07, 0.07, 0.07]),  # the option: a ramp over the steps
+])
+def test_schedules_and_logged_metrics(per_step, expected):
+    model = tiny_dino(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=1, teacher_temp_per_step=per_step)
     logged = []
 
     class Log(pl.Callback):
@@ -167,7 +171,7 @@ def test_schedules_and_logged_metrics():
 
     trainer(max_epochs=2, callbacks=[Log()]).fit(model, datamodule=CropsModule(8, 2))  # 4 steps per epoch
     temps = [m["train/teacher_temp"] for m in logged]
-    assert temps == pytest.approx([0.04, 0.05, 0.06, 0.07, 0.07, 0.07, 0.07, 0.07])
+    assert temps == pytest.approx(expected)
     assert logged[0]["train/momentum"] == pytest.approx(0.996)
     assert {"train/loss", "train/lr", "train/wd", "train/teacher_entropy", "train/teacher_kl_to_centre"} <= set(logged[0])
     assert all(0 < m["train/teacher_entropy"] < math.log(64) for m in logged)

@@ -47,14 +47,14 @@ def test_knn_rejects_bad_input():
         knn_classify(bank, labels, torch.randn(2, 3), num_classes=3)
 
 
-def manual_tokens(model, images):
-    """Every block's output after the final norm, written out from the public modules."""
+def manual_tokens(model, images, norm=True):
+    """Every block's output (after the final norm), written out from the public modules."""
     x = model.patch_embed(images).flatten(1, 2)  # [B, N, D] (NHWC with dynamic_img_size)
     x = torch.cat([model.cls_token.expand(len(x), -1, -1), x], dim=1) + model.pos_embed
     outs = []
     for block in model.blocks:
         x = block(x)
-        outs.append(model.norm(x))
+        outs.append(model.norm(x) if norm else x)
     return outs
 
 
@@ -68,9 +68,19 @@ def test_vit_features_match_manual_computation():
         torch.testing.assert_close(vit_features(model, images, "cls"), model(images))
         torch.testing.assert_close(vit_features(model, images, "cls", n_last_blocks=2), torch.cat([outs[0][:, 0], outs[1][:, 0]], 1))
         torch.testing.assert_close(vit_features(model, images, "avg"), outs[-1][:, 1:].mean(1))
-        torch.testing.assert_close(vit_features(model, images, "cls_avg", 2), torch.cat([outs[0][:, 0], outs[1][:, 0], outs[1][:, 1:].mean(1)], 1))
-    with pytest.raises(ValueError, match="n_last_blocks must be 1"):
-        check_feature(model, "avg", 2)
+        # DINO's avgpool layout: output.unsqueeze(-1) and mean.unsqueeze(-1) concatenated on the last
+        # dim, then reshaped: channels interleaved, so released DINO linear heads apply unchanged
+        cls, mean = outs[-1][:, 0], outs[-1][:, 1:].mean(1)
+        interleaved = torch.cat([cls.unsqueeze(-1), mean.unsqueeze(-1)], dim=-1).reshape(3, -1)
+        torch.testing.assert_close(vit_features(model, images, "cls_avg"), interleaved)
+        assert torch.equal(vit_features(model, images, "cls_avg")[:, :4], torch.stack([cls[:, 0], mean[:, 0], cls[:, 1], mean[:, 1]], 1))
+        # MAE's global pool: mean of the un-normed last block, then a fresh LayerNorm (eps 1e-6)
+        x = manual_tokens(model, images, norm=False)[-1]
+        fresh = torch.nn.LayerNorm(model.embed_dim, eps=1e-6)
+        torch.testing.assert_close(vit_features(model, images, "gap"), fresh(x[:, 1:].mean(1)))
+    for feature in ("avg", "gap", "cls_avg"):
+        with pytest.raises(ValueError, match="n_last_blocks must be 1"):
+            check_feature(model, feature, 2)
 
 
 def test_gather_rows_across_simulated_ranks():

@@ -63,7 +63,7 @@ def test_backbone_is_frozen_bit_identical_and_in_eval_mode(tmp_path, protocol):
     torch.save(backbone.state_dict(), tmp_path / "w.pth")
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     probe = LinearProbe(weights=str(tmp_path / "w.pth"), backbone_kwargs={"num_heads": 2, "drop_path_rate": 0.5},
-                        protocol=protocol, lr=0.5, feature="cls_avg", n_last_blocks=2)
+                        protocol=protocol, lr=0.5, feature="cls", n_last_blocks=2)
     modes = []
     probe.backbone.blocks[0].register_forward_pre_hook(lambda m, args: modes.append(m.training))
     data = TensorData(stripes(32, 0), stripes(16, 1), batch_size=8)
@@ -73,7 +73,7 @@ def test_backbone_is_frozen_bit_identical_and_in_eval_mode(tmp_path, protocol):
     for key, value in probe.backbone.state_dict().items():
         assert torch.equal(value, before[key]), key
     head_weight = probe.head[-1].weight if protocol == "mae" else probe.head.weight
-    assert probe.head is not None and head_weight.shape == (2, 32 * 3)
+    assert probe.head is not None and head_weight.shape == (2, 32 * 2)  # 2 CLS tokens
     assert isinstance(probe.head, torch.nn.Sequential) == (protocol == "mae")
 
 

@@ -8,10 +8,10 @@ from ssl_vit.models.masked_vit import MaskedViT, random_masking
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 
 
-@pytest.mark.parametrize("ratio,length", [(0.75, 64), (0.5, 49), (0.6, 10), (0.0, 16)])
-def test_masking_keeps_round_of_the_visible_fraction(ratio, length):
+@pytest.mark.parametrize("ratio,length,keep", [(0.75, 64, 16), (0.5, 49, 24), (0.6, 10, 4), (0.0, 16, 16), (0.9, 196, 19)])
+def test_masking_keeps_the_reference_count(ratio, length, keep):
+    """The reference keeps int(L * (1 - ratio)) patches (rounded down): 19 of 196 at 0.9, not 20."""
     ids_keep, mask = random_masking(length, 6, ratio, torch.device("cpu"))
-    keep = round((1 - ratio) * length)
     assert ids_keep.shape == (6, keep)
     assert mask.shape == (6, length)
     assert (mask.sum(1) == length - keep).all()

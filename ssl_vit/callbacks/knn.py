@@ -59,7 +59,7 @@ class KNNMonitor(pl.Callback):
         temperature: vote temperature.
         backbone: ``"auto"``, a dotted attribute path (``"teacher.backbone"``, ``"encoder.vit"``) or
             a function ``pl_module -> VisionTransformer``.
-        feature: ``"cls"``, ``"avg"`` or ``"cls_avg"`` (``ssl_vit.methods.knn.vit_features``).
+        feature: ``"cls"``, ``"avg"``, ``"cls_avg"`` or ``"gap"`` (``ssl_vit.methods.knn.vit_features``).
         bank_on_cpu: keep the bank in host memory (moved to the accelerator in chunks).
         chunk_size: queries per similarity chunk.
     """

@@ -22,13 +22,13 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from ssl_vit.export.io import PathLike, check_keys, check_shapes, safe_torch_load
 from ssl_vit.methods.base import CHECKPOINT_KEY
 from ssl_vit.models.backbone import VIT_SIZES, create_backbone
+from ssl_vit.models.pos_embed import pos_embed_resample, resample_pos_embed
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -193,7 +193,8 @@ def _read_dino_training(path: Path, obj: Mapping, role: Optional[str]) -> _Found
         if args.arch not in _DINO_ARCHS:
             raise ValueError(f"{path}: DINO arch {args.arch!r} is not a ViT ssl_vit knows ({sorted(_DINO_ARCHS)})")
         arch = f"vit_{_DINO_ARCHS[args.arch]}_patch{int(args.patch_size)}"
-    return _Found(state, arch, {}, f"DINO training checkpoint ({role})")
+    # trained with the reference interpolate_pos_encoding: evaluate other resolutions the same way
+    return _Found(state, arch, {"pos_embed_resample": "dino"}, f"DINO training checkpoint ({role})")
 
 
 def _read_state_dict(path: Path, state: Mapping[str, Any], wrapper: str) -> _Found:
@@ -300,7 +301,8 @@ def _adapt_pooling(state: Dict[str, Tensor], model: VisionTransformer) -> Dict[s
 
 
 def _resample_pos_embed(state: Dict[str, Tensor], model: VisionTransformer) -> Dict[str, Tensor]:
-    """Resample the file's position embedding to the model's grid (the one place this is done)."""
+    """Resample the file's position embedding to the model's grid, in the model's convention (for
+    ``"dino"`` this equals the reference's run-time interpolation from the file's grid)."""
     if "pos_embed" not in state or model.pos_embed is None or state["pos_embed"].shape == model.pos_embed.shape:
         return state
     prefix = 0 if model.no_embed_class else model.num_prefix_tokens
@@ -309,8 +311,8 @@ def _resample_pos_embed(state: Dict[str, Tensor], model: VisionTransformer) -> D
     if state["pos_embed"].shape[-1] != model.pos_embed.shape[-1]:
         return state  # a width mismatch: check_shapes reports it
     state = dict(state)
-    state["pos_embed"] = resample_abs_pos_embed(
-        state["pos_embed"], new_size=list(model.patch_embed.grid_size), old_size=[side, side], num_prefix_tokens=prefix
+    state["pos_embed"] = resample_pos_embed(
+        state["pos_embed"], model.patch_embed.grid_size, (side, side), prefix, pos_embed_resample(model)
     )
     return state
 

@@ -25,7 +25,7 @@ from ssl_vit.export.io import PathLike
 from ssl_vit.models.backbone import resolve_arch
 
 # create_backbone arguments that are not timm architecture kwargs as such (read off the model instead).
-_OWN_KWARGS = ("pos_embed", "global_pool", "drop_path_rate", "dynamic_img_size", "img_size")
+_OWN_KWARGS = ("pos_embed", "global_pool", "drop_path_rate", "dynamic_img_size", "img_size", "pos_embed_resample")
 # The architecture written for each standard size: a timm name whose pretrained config reads plain
 # state-dict files (the default tags of vit_{tiny,small,large}_patch16_224 are Google .npz files
 # with a custom loader, which older timm versions use for any file) and has no classifier

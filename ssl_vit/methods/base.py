@@ -23,20 +23,25 @@ from ssl_vit.methods.schedules import at, cosine_schedule
 # Devices whose fused AdamW kernels exist and honour `found_inf` (CPU since torch 2.4).
 FUSED_DEVICES = ("cuda", "cpu")
 
-# Parameters that never get weight decay besides biases and norm weights (any 0-/1-D tensor).
-NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "reg_token", "mask_token", "decoder_pos_embed", "dist_token")
+# Tokens and position embeddings, which ``exempt_tokens=True`` also keeps from weight decay. Both
+# references decay them (DINO ``utils.get_params_groups``, MAE ``add_weight_decay``: only biases and
+# 1-D tensors are exempt); timm's ``no_weight_decay()`` and many later recipes exempt them.
+TOKENS = ("pos_embed", "cls_token", "reg_token", "mask_token", "decoder_pos_embed", "dist_token")
 
 
 def param_groups(
-    named_params: Iterable[Tuple[str, nn.Parameter]], weight_decay: float, lr_scale: float = 1.0
+    named_params: Iterable[Tuple[str, nn.Parameter]], weight_decay: float, lr_scale: float = 1.0,
+    exempt_tokens: bool = False,
 ) -> List[Dict]:
-    """Split trainable parameters into a decayed and an undecayed group (biases, norms, tokens and
-    position embeddings are not decayed). Each group carries ``lr_scale`` and ``apply_wd``."""
+    """Split trainable parameters into a decayed and an undecayed group, as both references do: no
+    decay on biases and 1-D tensors (norm weights); with ``exempt_tokens`` none on ``TOKENS`` either.
+    Each group carries ``lr_scale`` and ``apply_wd``."""
     decay, no_decay = [], []
+    exempt = TOKENS if exempt_tokens else ()
     for name, param in named_params:
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_WEIGHT_DECAY:
+        if param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in exempt:
             no_decay.append(param)
         else:
             decay.append(param)
@@ -83,7 +88,14 @@ class ScheduledModule(pl.LightningModule):
             the run (re)started; ``None``: never.
         nonfinite_check_every: optimiser steps between the host reads of the skip counters (the
             only host sync of the guard); ``None``: ``trainer.log_every_n_steps``.
+        wd_exempt_tokens: also keep tokens and position embeddings (``TOKENS``) from weight decay
+            (not the references' behaviour; an option).
+
+    ``warmup_reaches_base`` (class attribute) picks the reference's warm-up convention (see
+    ``cosine_schedule``): False as MAE, True as DINO.
     """
+
+    warmup_reaches_base = False
 
     def __init__(
         self,
@@ -97,6 +109,7 @@ class ScheduledModule(pl.LightningModule):
         on_nonfinite: Policy = "skip",
         max_skipped_steps: Optional[int] = 100,
         nonfinite_check_every: Optional[int] = None,
+        wd_exempt_tokens: bool = False,
     ) -> None:
         super().__init__()
         validate_policy(on_nonfinite, max_skipped_steps, nonfinite_check_every)
@@ -110,6 +123,7 @@ class ScheduledModule(pl.LightningModule):
         self.weight_decay = weight_decay
         self.weight_decay_end = weight_decay if weight_decay_end is None else weight_decay_end
         self.betas = tuple(betas)
+        self.wd_exempt_tokens = wd_exempt_tokens
         self.lr_schedule: Optional[torch.Tensor] = None
         self.wd_schedule: Optional[torch.Tensor] = None
         self.nonfinite = NonFiniteGuard(on_nonfinite, max_skipped_steps, nonfinite_check_every)
@@ -117,8 +131,8 @@ class ScheduledModule(pl.LightningModule):
     # -- what subclasses may override ------------------------------------------------------------
     def optimizer_param_groups(self) -> List[Dict]:
         """Parameter groups for AdamW; the default decays every trainable parameter of the module
-        except biases, norms, tokens and position embeddings."""
-        return param_groups(self.named_parameters(), self.weight_decay)
+        except biases and 1-D tensors (and tokens with ``wd_exempt_tokens``)."""
+        return param_groups(self.named_parameters(), self.weight_decay, exempt_tokens=self.wd_exempt_tokens)
 
     def setup(self, stage: str) -> None:
         """Start-up checks, before any compute (``ssl_vit.methods.checks.check_run``: image sizes
@@ -157,7 +171,8 @@ class ScheduledModule(pl.LightningModule):
         """Precompute the per-step arrays; called once the trainer knows the run length."""
         total = self.total_steps
         warmup = round(self.warmup_epochs * self.steps_per_epoch)
-        self.lr_schedule = cosine_schedule(self.peak_lr(), self.min_lr, total, warmup)
+        self.lr_schedule = cosine_schedule(self.peak_lr(), self.min_lr, total, warmup,
+                                           warmup_reaches_base=self.warmup_reaches_base)
         self.wd_schedule = cosine_schedule(self.weight_decay, self.weight_decay_end, total)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -24,6 +24,7 @@ import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+from timm.layers import trunc_normal_
 from torch import Tensor
 
 from ssl_vit.data.gpu_augment import MultiCropGPUAugment, augment_batch, device_augment_for
@@ -33,6 +34,7 @@ from ssl_vit.methods.nonfinite import Policy
 from ssl_vit.methods.schedules import at, cosine_schedule, linear_then_constant
 from ssl_vit.models.backbone import create_backbone
 from ssl_vit.models.dino_head import DINOHead, MultiCropNet
+from ssl_vit.models.pos_embed import PosEmbedResample
 from ssl_vit.models.speed import configure_blocks
 
 # Lightning warns whenever a module overrides on_after_batch_transfer while a DataModule is used;
@@ -79,15 +81,26 @@ class DINO(ScheduledModule):
         head_use_bn: BatchNorm in the head MLP.
         norm_last_layer: freeze the prototypes' norm at 1.
         student_temp: student softmax temperature.
-        warmup_teacher_temp: teacher temperature at step 0.
+        warmup_teacher_temp: teacher temperature of the first epoch.
         teacher_temp: teacher temperature after ``warmup_teacher_temp_epochs`` (linear ramp).
-        warmup_teacher_temp_epochs: ramp length in epochs (0: constant ``teacher_temp``).
+        warmup_teacher_temp_epochs: ramp length in epochs (0: constant ``teacher_temp``). As the
+            reference, the temperature changes once per epoch (``linspace(warmup, final, W)[epoch]``),
+            so ``W`` must be a whole number unless ``teacher_temp_per_step``.
+        teacher_temp_per_step: ramp the temperature every optimiser step instead of every epoch
+            (smoother; not the reference's behaviour).
         momentum_teacher: EMA momentum at step 0; a cosine takes it to 1 at the end of training.
         center_momentum: EMA momentum of the centre.
         freeze_last_layer: epochs during which the head's last layer is not updated.
         clip_grad: per-tensor gradient norm limit (0 disables clipping).
         base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas: see
             ``ScheduledModule`` (DINO: 5e-4 per 256 images, 10 warm-up epochs, 1e-6, 0.04 -> 0.4).
+            The warm-up reaches the peak at its last step, as the reference ``cosine_scheduler``.
+        wd_exempt_tokens: keep ``pos_embed`` and ``cls_token`` from weight decay (the reference
+            decays every parameter that is not a bias or 1-D).
+        pos_embed_resample: how the position embedding is resampled for crops other than
+            ``img_size`` (the local crops): ``"dino"``, the reference's ``interpolate_pos_encoding``,
+            or ``"timm"``, timm's size-based antialiased resize. Recorded in checkpoints, so
+            evaluation at other resolutions uses the same convention.
         on_nonfinite, max_skipped_steps, nonfinite_check_every: the non-finite guard, see
             ``ScheduledModule``.
         compile_blocks: ``torch.compile`` every student and teacher block (GPU runs; one graph per
@@ -120,6 +133,7 @@ class DINO(ScheduledModule):
         warmup_teacher_temp: float = 0.04,
         teacher_temp: float = 0.04,
         warmup_teacher_temp_epochs: float = 0,
+        teacher_temp_per_step: bool = False,
         momentum_teacher: float = 0.996,
         center_momentum: float = 0.9,
         freeze_last_layer: int = 1,
@@ -131,6 +145,8 @@ class DINO(ScheduledModule):
         weight_decay: float = 0.04,
         weight_decay_end: Optional[float] = 0.4,
         betas: Sequence[float] = (0.9, 0.999),
+        wd_exempt_tokens: bool = False,
+        pos_embed_resample: PosEmbedResample = "dino",
         on_nonfinite: Policy = "skip",
         max_skipped_steps: Optional[int] = 100,
         nonfinite_check_every: Optional[int] = None,
@@ -141,7 +157,7 @@ class DINO(ScheduledModule):
         super().__init__(
             base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas,
             on_nonfinite=on_nonfinite, max_skipped_steps=max_skipped_steps,
-            nonfinite_check_every=nonfinite_check_every,
+            nonfinite_check_every=nonfinite_check_every, wd_exempt_tokens=wd_exempt_tokens,
         )
         self.save_hyperparameters()
         temps = dict(student_temp=student_temp, warmup_teacher_temp=warmup_teacher_temp, teacher_temp=teacher_temp)
@@ -158,11 +174,17 @@ class DINO(ScheduledModule):
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"DINO: {name} must be >= 0, got {value}")
+        if not teacher_temp_per_step and float(warmup_teacher_temp_epochs) != int(warmup_teacher_temp_epochs):
+            raise ValueError(
+                f"DINO: warmup_teacher_temp_epochs={warmup_teacher_temp_epochs} is not a whole number of epochs; "
+                "the temperature changes once per epoch (as the reference) unless teacher_temp_per_step=true"
+            )
         self.arch = arch
         overrides = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
         # the create_backbone arguments that define the architecture (stored in checkpoints)
         self.backbone_kwargs: Dict[str, Any] = dict(img_size=img_size)
         self.backbone_kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        self.backbone_kwargs["pos_embed_resample"] = pos_embed_resample
 
         def build(drop_path: float) -> MultiCropNet:
             backbone = create_backbone(arch, drop_path_rate=drop_path, **self.backbone_kwargs)
@@ -173,6 +195,8 @@ class DINO(ScheduledModule):
             return MultiCropNet(backbone, head)
 
         self.student = build(drop_path_rate)
+        if self.student.backbone.cls_token is not None:  # the reference's init; timm's is N(0, 1e-6)
+            trunc_normal_(self.student.backbone.cls_token, std=0.02)
         self.teacher = build(0.0)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
@@ -185,6 +209,7 @@ class DINO(ScheduledModule):
         self.student_temp = student_temp
         self.warmup_teacher_temp, self.teacher_temp = warmup_teacher_temp, teacher_temp
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.teacher_temp_per_step = teacher_temp_per_step
         self.momentum_teacher = momentum_teacher
         self.freeze_last_layer = freeze_last_layer
         self.clip_grad = clip_grad
@@ -207,15 +232,28 @@ class DINO(ScheduledModule):
     # -- optimisation ----------------------------------------------------------------------------
     def optimizer_param_groups(self) -> List[Dict]:
         """The student only (backbone + head); the teacher is never optimised."""
-        return param_groups(self.student.named_parameters(), self.weight_decay)
+        return param_groups(self.student.named_parameters(), self.weight_decay, exempt_tokens=self.wd_exempt_tokens)
+
+    warmup_reaches_base = True  # the reference cosine_scheduler's warm-up: linspace(0, peak, W)
 
     def build_schedules(self) -> None:
-        """lr / wd (base class), EMA momentum (cosine to 1) and teacher temperature, per step."""
+        """lr / wd (base class), EMA momentum (cosine to 1) per step; the teacher temperature per
+        epoch (the reference's ``teacher_temp_schedule[epoch]``), or per step with
+        ``teacher_temp_per_step``."""
         super().build_schedules()
         total = self.total_steps
         self.momentum_schedule = cosine_schedule(self.momentum_teacher, 1.0, total)
-        ramp = round(self.warmup_teacher_temp_epochs * self.steps_per_epoch)
-        self.teacher_temp_schedule = linear_then_constant(self.warmup_teacher_temp, self.teacher_temp, ramp, total)
+        if self.teacher_temp_per_step:
+            ramp = round(self.warmup_teacher_temp_epochs * self.steps_per_epoch)
+            self.teacher_temp_schedule = linear_then_constant(self.warmup_teacher_temp, self.teacher_temp, ramp, total)
+        else:
+            ramp = int(self.warmup_teacher_temp_epochs)
+            self.teacher_temp_schedule = linear_then_constant(self.warmup_teacher_temp, self.teacher_temp, ramp, ramp + 1)
+
+    def current_teacher_temp(self) -> float:
+        """This step's teacher temperature (indexed by the step, or by the epoch as the reference)."""
+        index = self.global_step if self.teacher_temp_per_step else self.current_epoch
+        return at(self.teacher_temp_schedule, index)
 
     def _mean_over_processes(self, t: Tensor) -> Tensor:
         """Mean over all processes with no host sync (``all_gather``: ``strategy.reduce`` adds a
@@ -232,7 +270,7 @@ class DINO(ScheduledModule):
                 "use ssl_vit.data.multicrop.MultiCropTransform as the train transform; got "
                 f"{type(crops).__name__}" + (f" of {len(crops)}" if isinstance(crops, (list, tuple)) else "")
             )
-        teacher_temp = at(self.teacher_temp_schedule, self.global_step)
+        teacher_temp = self.current_teacher_temp()
         momentum = at(self.momentum_schedule, self.global_step)
         with torch.no_grad():
             teacher_out = self.teacher(crops[:NUM_GLOBAL_CROPS])  # [2 * B, K]

@@ -25,51 +25,69 @@ from ssl_vit.export.backbone import read_backbone
 from ssl_vit.methods.base import CHECKPOINT_KEY, backbone_metadata
 from ssl_vit.models.backbone import create_backbone
 
-Feature = Literal["cls", "avg", "cls_avg"]
+Feature = Literal["cls", "avg", "cls_avg", "gap"]
+FEATURES = ("cls", "avg", "cls_avg", "gap")
+GAP_NORM_EPS = 1e-6  # the reference fc_norm: LayerNorm(D, eps=1e-6), fresh (weight 1, bias 0)
 
 
 # -- features ---------------------------------------------------------------------------------------
 def feature_dim(model: VisionTransformer, feature: Feature = "cls", n_last_blocks: int = 1) -> int:
-    """Width of :func:`vit_features`: ``D * n_last_blocks`` CLS tokens (+ ``D`` for the mean)."""
+    """Width of :func:`vit_features`: ``D * n_last_blocks`` CLS tokens, ``D`` for a mean, ``2 D`` for both."""
     check_feature(model, feature, n_last_blocks)
-    return model.embed_dim * ((n_last_blocks if feature != "avg" else 0) + (feature != "cls"))
+    return model.embed_dim * {"cls": n_last_blocks, "avg": 1, "gap": 1, "cls_avg": 2}[feature]
 
 
 def check_feature(model: VisionTransformer, feature: str, n_last_blocks: int) -> None:
-    if feature not in ("cls", "avg", "cls_avg"):
-        raise ValueError(f"feature must be 'cls', 'avg' or 'cls_avg', got {feature!r}")
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
     if not 1 <= n_last_blocks <= len(model.blocks):
         raise ValueError(f"n_last_blocks must be in [1, {len(model.blocks)}] for this backbone, got {n_last_blocks}")
-    if feature == "avg" and n_last_blocks != 1:
-        raise ValueError("feature='avg' is the mean patch token of the last block: n_last_blocks must be 1")
-    if feature != "avg" and not model.has_class_token:
-        raise ValueError(f"feature={feature!r} needs a CLS token, this backbone has none: use feature='avg'")
+    if feature != "cls" and n_last_blocks != 1:
+        raise ValueError(
+            f"feature={feature!r} reads the last block only (as the references' average pooling): "
+            f"n_last_blocks must be 1, got {n_last_blocks}"
+        )
+    if feature in ("cls", "cls_avg") and not model.has_class_token:
+        raise ValueError(f"feature={feature!r} needs a CLS token, this backbone has none: use feature='avg' or 'gap'")
 
 
 def vit_features(model: VisionTransformer, images: Tensor, feature: Feature = "cls", n_last_blocks: int = 1) -> Tensor:
-    """Frozen-backbone feature, as the DINO linear evaluation reads it.
-
-    Every block output used goes through the backbone's final norm (``model.norm``; an identity for
-    average-pooled backbones, whose norm is ``fc_norm``).
+    """Frozen-backbone feature, in the layout of the reference linear evaluations.
 
     Args:
         model: timm ViT.
         images: ``[B, C, H, W]``.
-        feature: ``"cls"``: the CLS tokens of the last ``n_last_blocks`` blocks, concatenated (with
-            ``n_last_blocks=1`` this is ``model(images)`` for token pooling); ``"avg"``: the mean
-            patch token of the last block; ``"cls_avg"``: both, concatenated (DINO's ``avgpool``).
-        n_last_blocks: number of last blocks whose CLS token is used.
+        feature:
+
+            * ``"cls"``: the CLS tokens of the last ``n_last_blocks`` blocks, each after the final
+              norm, concatenated (DINO ``eval_linear``; with ``n_last_blocks=1`` this is
+              ``model(images)`` for token pooling, and MAE's ``--cls_token`` probe);
+            * ``"avg"``: the mean patch token of the last block after the final norm (DINO's
+              ``avgpool_patchtokens`` part, and k-NN on average pooling);
+            * ``"cls_avg"``: DINO's ``avgpool_patchtokens`` feature (ViT-B): CLS and mean
+              **interleaved per channel**, ``[cls_0, avg_0, cls_1, avg_1, ...]``, as the reference
+              lays it out, so released DINO linear heads apply as they are;
+            * ``"gap"``: MAE's ``--global_pool`` feature: the mean patch token of the last block
+              **before** the final norm, then a fresh ``fc_norm`` (LayerNorm, eps 1e-6, weight 1, bias
+              0: the pretrained ``norm`` is dropped, as facebookresearch/mae ``models_vit`` does).
+        n_last_blocks: number of last blocks whose CLS token is used (``"cls"`` only).
 
     Returns:
         ``[B, feature_dim(model, feature, n_last_blocks)]``.
     """
     outputs = model.forward_intermediates(
-        images, indices=n_last_blocks, return_prefix_tokens=True, norm=True, output_fmt="NLC", intermediates_only=True
+        images, indices=n_last_blocks, return_prefix_tokens=True, norm=feature != "gap", output_fmt="NLC",
+        intermediates_only=True,
     )  # n_last_blocks x ([B, N, D] patch tokens, [B, P, D] prefix tokens)
-    parts = [prefix[:, 0] for _, prefix in outputs] if feature != "avg" else []
-    if feature != "cls":
-        parts.append(outputs[-1][0].mean(dim=1))
-    return torch.cat(parts, dim=-1)
+    if feature == "cls":
+        return torch.cat([prefix[:, 0] for _, prefix in outputs], dim=-1)
+    patches, prefix = outputs[-1]
+    mean = patches.mean(dim=1)  # [B, D]
+    if feature == "avg":
+        return mean
+    if feature == "gap":
+        return F.layer_norm(mean, mean.shape[-1:], eps=GAP_NORM_EPS)
+    return torch.stack([prefix[:, 0], mean], dim=-1).flatten(1)  # [B, D, 2] -> [B, 2 D] interleaved
 
 
 @torch.no_grad()

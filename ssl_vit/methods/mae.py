@@ -2,8 +2,9 @@
 
 The encoder is the ``create_backbone`` ViT wrapped in ``MaskedViT`` (state-dict prefix
 ``encoder.vit.``), the decoder an ``MAEDecoder`` (prefix ``decoder.``). Optimisation (AdamW, lr
-scaled by global batch / 256, per-step warm-up + cosine, no weight decay on biases, norms, tokens
-and position embeddings) comes from ``ScheduledModule``.
+scaled by global batch / 256, per-step warm-up + cosine, no weight decay on biases and 1-D tensors,
+as the reference) comes from ``ScheduledModule``. ``tests/test_golden_mae.py`` replays 8 reference
+training steps.
 """
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -74,6 +75,8 @@ class MAE(ScheduledModule):
         mask_ratio: fraction of patches hidden from the encoder during training.
         drop_path_rate: stochastic depth of the encoder (training only; not stored as backbone metadata).
         base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas: see ``ScheduledModule``.
+        wd_exempt_tokens: keep ``cls_token`` and ``mask_token`` from weight decay (the reference
+            decays them: only biases and 1-D tensors are exempt).
         on_nonfinite, max_skipped_steps, nonfinite_check_every: the non-finite guard, see ``ScheduledModule``.
         compile_blocks: ``torch.compile`` every encoder and decoder block (GPU runs; see
             ``ssl_vit.models.speed``).
@@ -106,6 +109,7 @@ class MAE(ScheduledModule):
         weight_decay: float = 0.05,
         weight_decay_end: Optional[float] = None,
         betas: Sequence[float] = (0.9, 0.95),
+        wd_exempt_tokens: bool = False,
         on_nonfinite: Policy = "skip",
         max_skipped_steps: Optional[int] = 100,
         nonfinite_check_every: Optional[int] = None,
@@ -116,7 +120,7 @@ class MAE(ScheduledModule):
             base_lr=base_lr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
             weight_decay=weight_decay, weight_decay_end=weight_decay_end, betas=betas,
             on_nonfinite=on_nonfinite, max_skipped_steps=max_skipped_steps,
-            nonfinite_check_every=nonfinite_check_every,
+            nonfinite_check_every=nonfinite_check_every, wd_exempt_tokens=wd_exempt_tokens,
         )
         self.save_hyperparameters()
         if not 0.0 < mask_ratio < 1.0:  # 0 would leave no masked patch to learn from

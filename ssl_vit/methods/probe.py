@@ -55,7 +55,7 @@ class LinearProbe(ClassifierModule):
             the position embedding is resampled).
         num_classes: classes; from the datamodule when None (a mismatch is an error at setup).
         protocol: ``"mae"`` (BatchNorm + Linear, LARS) or ``"dino"`` (Linear, SGD).
-        feature: ``"cls"``, ``"avg"`` or ``"cls_avg"`` (see ``vit_features``).
+        feature: ``"cls"``, ``"avg"``, ``"cls_avg"`` (DINO ViT-B) or ``"gap"`` (MAE global pool); see ``vit_features``.
         n_last_blocks: CLS tokens of that many last blocks are concatenated (DINO: 4 for ViT-S/16).
         base_lr: lr for a global batch of 256 (protocol default when None).
         lr: absolute lr (overrides ``base_lr``).

@@ -9,10 +9,19 @@ import torch
 
 
 def cosine_schedule(
-    base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
+    base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0,
+    warmup_reaches_base: bool = False,
 ) -> torch.Tensor:
-    """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup_steps``, then a half cosine
+    """Linear warm-up from ``warmup_start`` towards ``base`` over ``warmup_steps``, then a half cosine
     from ``base`` to ``final`` over the remaining steps.
+
+    The two references differ in the warm-up's last value:
+
+    * ``warmup_reaches_base=False`` (facebookresearch/mae ``adjust_learning_rate``, lr proportional
+      to the fractional epoch): ``linspace(start, base, W + 1)[:-1]``, base is first reached by
+      the cosine's first step;
+    * ``warmup_reaches_base=True`` (facebookresearch/dino ``cosine_scheduler``):
+      ``linspace(start, base, W)``, both ends included: the warm-up's last step is at ``base``.
 
     Returns:
         ``[total_steps]`` float64 tensor; index it with the global step.
@@ -20,7 +29,10 @@ def cosine_schedule(
     if total_steps <= 0:
         raise ValueError(f"a schedule needs at least one step, got total_steps={total_steps}")
     warmup_steps = min(max(int(warmup_steps), 0), total_steps)
-    warmup = torch.linspace(warmup_start, base, warmup_steps + 1, dtype=torch.float64)[:-1]
+    if warmup_reaches_base:
+        warmup = torch.linspace(warmup_start, base, warmup_steps, dtype=torch.float64)
+    else:
+        warmup = torch.linspace(warmup_start, base, warmup_steps + 1, dtype=torch.float64)[:-1]
     steps = torch.arange(total_steps - warmup_steps, dtype=torch.float64)
     span = max(total_steps - warmup_steps, 1)
     cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * steps / span))

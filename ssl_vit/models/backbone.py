@@ -18,7 +18,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ssl_vit.models.pos_embed import sincos_2d
+from ssl_vit.models.pos_embed import PosEmbedResample, set_pos_embed_resample, sincos_2d
 
 # ViT paper, Table 1 (Dosovitskiy et al.): width, depth, heads; and the timm model carrying that size.
 VIT_SIZES: Dict[str, Tuple[int, int, int]] = {
@@ -77,6 +77,7 @@ def create_backbone(
     global_pool: GlobalPool = "token",
     drop_path_rate: float = 0.0,
     dynamic_img_size: bool = True,
+    pos_embed_resample: PosEmbedResample = "timm",
     **kwargs: Any,
 ) -> VisionTransformer:
     """Build a timm ``VisionTransformer`` without a classifier head.
@@ -91,6 +92,9 @@ def create_backbone(
             ``"avg"`` (mean of patch tokens, then a norm) or ``"map"`` (attention pooling).
         drop_path_rate: stochastic depth rate of the last block (linearly increasing).
         dynamic_img_size: resample the position embedding for each input size.
+        pos_embed_resample: how it is resampled to another grid: ``"timm"`` (timm's size-based,
+            antialiased bicubic) or ``"dino"`` (the DINO reference's ``interpolate_pos_encoding``;
+            what ssl_vit's DINO trains with). See ``ssl_vit.models.pos_embed.resample_pos_embed``.
         **kwargs: any other ``VisionTransformer`` argument (``embed_dim``, ``depth``, ``num_heads``,
             ``mlp_ratio``, ``qkv_bias``, ``norm_layer``...).
     """
@@ -120,7 +124,7 @@ def create_backbone(
         raise ValueError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer")
     if pos_embed == "sincos":
         fill_sincos_pos_embed(model)
-    return model
+    return set_pos_embed_resample(model, pos_embed_resample)
 
 
 def fill_sincos_pos_embed(model: VisionTransformer) -> None:

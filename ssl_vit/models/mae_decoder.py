@@ -10,11 +10,10 @@ from functools import partial
 from typing import Tuple
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ssl_vit.models.pos_embed import sincos_2d
+from ssl_vit.models.pos_embed import resample_pos_embed, sincos_2d
 
 
 class MAEDecoder(nn.Module):
@@ -85,10 +84,7 @@ class MAEDecoder(nn.Module):
         prefix, visible = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
         full = self.mask_token.to(x.dtype).expand(batch, num_patches, dim)  # [B, L, Dd]
         full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, dim), visible)  # visible at their place
-        pos = resample_abs_pos_embed(
-            self.pos_embed, new_size=list(grid_size), old_size=list(self.grid_size),
-            num_prefix_tokens=self.num_prefix_tokens,
-        )  # [1, P + L, Dd]
+        pos = resample_pos_embed(self.pos_embed, grid_size, self.grid_size, self.num_prefix_tokens)  # [1, P + L, Dd]
         x = torch.cat([prefix, full], dim=1) + pos
         x = self.blocks(x)
         x = self.norm(x)

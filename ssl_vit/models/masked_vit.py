@@ -10,17 +10,18 @@ fine-tuning with ``strict=True``. Only public timm attributes are used: ``patch_
 from typing import Optional, Tuple
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ssl_vit.models.pos_embed import pos_embed_resample, resample_pos_embed
 
 
 def random_masking(
     num_patches: int, batch_size: int, mask_ratio: float, device: torch.device, noise: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Choose, per sample, which patches stay visible: the ``round((1 - mask_ratio) * L)`` with the
-    smallest noise (uniform noise unless given). Runs on ``device`` without a host sync.
+    """Choose, per sample, which patches stay visible: the ``int(L * (1 - mask_ratio))`` (the
+    reference's count, rounded down) with the smallest noise (uniform noise unless given). Runs on ``device`` without a host sync.
 
     Args:
         num_patches: ``L``.
@@ -35,7 +36,7 @@ def random_masking(
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    num_keep = round((1.0 - mask_ratio) * num_patches)
+    num_keep = int(num_patches * (1 - mask_ratio))
     if noise is None:
         noise = torch.rand(batch_size, num_patches, device=device)
     elif tuple(noise.shape) != (batch_size, num_patches):
@@ -99,9 +100,8 @@ class MaskedViT(nn.Module):
         prefix = torch.cat(prefix, dim=1) if prefix else x.new_zeros(batch, 0, x.shape[-1])  # [B, P, D]
         if vit.pos_embed is not None:
             num_pos_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-            pos = resample_abs_pos_embed(
-                vit.pos_embed, new_size=list(grid), old_size=list(vit.patch_embed.grid_size),
-                num_prefix_tokens=num_pos_prefix,
+            pos = resample_pos_embed(
+                vit.pos_embed, grid, vit.patch_embed.grid_size, num_pos_prefix, pos_embed_resample(vit)
             )  # [1, P' + L, D]
             x = x + pos[:, num_pos_prefix:]
             if num_pos_prefix:

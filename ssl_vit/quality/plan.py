@@ -112,10 +112,14 @@ def plan_epochs(budget_s: float, spent_s: float, timed: Mapping[str, Any], margi
 
 def scaled_warmups(init_args: Mapping[str, Any], recipe_epochs: int, epochs: int) -> Dict[str, float]:
     """The recipe's warm-up lengths (``WARMUP_KEYS`` present in ``init_args``) scaled by
-    ``epochs / recipe_epochs``, so that each keeps its share of the run."""
+    ``epochs / recipe_epochs``, so that each keeps its share of the run. DINO's teacher temperature
+    changes once per epoch (as the reference), so its ramp stays a whole number of epochs (>= 1)."""
     if recipe_epochs < 1 or epochs < 1:
         raise ValueError(f"epochs must be >= 1 (recipe {recipe_epochs}, run {epochs})")
-    return {k: round(float(init_args[k]) * epochs / recipe_epochs, 3) for k in WARMUP_KEYS if init_args.get(k)}
+    scaled = {k: round(float(init_args[k]) * epochs / recipe_epochs, 3) for k in WARMUP_KEYS if init_args.get(k)}
+    if "warmup_teacher_temp_epochs" in scaled and not init_args.get("teacher_temp_per_step"):
+        scaled["warmup_teacher_temp_epochs"] = max(1, round(scaled["warmup_teacher_temp_epochs"]))
+    return scaled
 
 
 def max_time(seconds: float) -> str:
