@@ -86,7 +86,10 @@ def test_recipes_parse_strictly_and_follow_the_paper(recipe, capsys):
     assert "ssl_vit.methods.dino.DINO" in capsys.readouterr().out
     config = yaml.safe_load(recipe.read_text())
     model, data, trainer = config["model"]["init_args"], config["data"]["init_args"], config["trainer"]
-    assert (model["warmup_teacher_temp"], model["teacher_temp"], model["warmup_teacher_temp_epochs"]) == (0.04, 0.07, 30)
+    # the README's ViT-B command keeps main_dino.py's defaults; the others are its ViT-S "full command"
+    vit_b = recipe.stem == "vit_base_patch16_in1k"
+    temps = (0.04, 0.04, 0) if vit_b else (0.04, 0.07, 30)
+    assert (model["warmup_teacher_temp"], model["teacher_temp"], model["warmup_teacher_temp_epochs"]) == temps
     assert model["student_temp"] == 0.1 and model["momentum_teacher"] == 0.996 and model["center_momentum"] == 0.9
     assert (model["base_lr"], model["min_lr"], model["warmup_epochs"]) == (5e-4, 1e-6, 10)
     assert (model["weight_decay"], model["weight_decay_end"], model["clip_grad"], model["freeze_last_layer"]) == (0.04, 0.4, 3.0, 1)
@@ -99,8 +102,8 @@ def test_recipes_parse_strictly_and_follow_the_paper(recipe, capsys):
     assert "ssl_vit.callbacks.knn.KNNMonitor" in callbacks
     if recipe.stem.endswith("in1k"):
         batch = trainer["devices"] * trainer.get("num_nodes", 1) * data["batch_size"] * trainer.get("accumulate_grad_batches", 1)
-        assert batch == 1024 and trainer["max_epochs"] == 300
-        assert (crops["global_size"], crops["local_size"], crops["num_local"]) == (224, 96, 10)
+        assert batch == 1024 and trainer["max_epochs"] == (100 if vit_b else 300)
+        assert (crops["global_size"], crops["local_size"], crops["num_local"]) == (224, 96, 8)  # main_dino.py's
         assert model["out_dim"] == 65536 and model["img_size"] == 224
     else:
         assert (crops["global_size"], crops["local_size"]) == (32, 16) and model["img_size"] == 32

@@ -78,3 +78,18 @@ def test_head_pickles_despite_the_parametrization():
     assert list(copy.state_dict()) == list(head.state_dict())
     flags = lambda m: [(n, p.requires_grad) for n, p in m.named_parameters()]
     assert flags(copy) == flags(head) and not copy.last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_prototypes_run_in_float32_under_autocast():
+    """Under bf16 autocast the MLP may run in bf16, but the normalisation and the prototypes run in
+    fp32: the output equals the fp32 last layer applied to the same bottleneck."""
+    torch.manual_seed(0)
+    head = DINOHead(32, 512, hidden_dim=64, bottleneck_dim=16).eval()
+    x = torch.randn(8, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x)
+        bottleneck = head.mlp(x)
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        expected = head.last_layer(torch.nn.functional.normalize(bottleneck.float(), dim=-1))
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)

@@ -243,3 +243,14 @@ def test_bad_configuration_and_batches_fail_clearly():
 
     with pytest.raises(ValueError, match="list of crops"):
         trainer(max_steps=1).fit(tiny_dino(), datamodule=OneView())
+
+
+def test_cls_token_init_is_the_references():
+    """DINO's reference initialises the CLS token with trunc_normal(std=0.02) (timm: N(0, 1e-6));
+    the teacher starts as a copy of the student."""
+    torch.manual_seed(0)
+    model = DINO(arch="vit_tiny_patch16", img_size=32, embed_dim=4096, depth=1, num_heads=4, out_dim=8,
+                 head_hidden_dim=8, head_bottleneck_dim=4)
+    token = model.student.backbone.cls_token.detach().flatten()
+    assert 0.018 < float(token.std()) < 0.022  # timm alone would give ~1e-6
+    assert torch.equal(model.teacher.backbone.cls_token, model.student.backbone.cls_token)

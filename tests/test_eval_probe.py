@@ -183,3 +183,32 @@ def test_bad_arguments_fail_clearly():
         LinearProbe(arch=ARCH, backbone_kwargs=TINY, n_last_blocks=3)
     with pytest.raises(ValueError, match="feature must be"):
         LinearProbe(arch=ARCH, backbone_kwargs=TINY, feature="max")
+
+
+@pytest.mark.parametrize("feature,n_last_blocks", [("cls", 2), ("cls_avg", 1)])
+def test_released_dino_linear_head_gives_the_reference_logits(tmp_path, feature, n_last_blocks):
+    """eval_linear.py's checkpoint ({"state_dict": {"module.linear.*"}}) loads into the probe, and the
+    logits are the reference's: its layout for ViT-S (CLS of the last blocks, concatenated) and ViT-B
+    (CLS and mean interleaved per channel: output.unsqueeze(-1) and mean.unsqueeze(-1) concatenated)."""
+    backbone = tiny_backbone(0).eval()
+    torch.save(backbone.state_dict(), tmp_path / "w.pth")
+    width = 32 * 2
+    weight, bias = torch.randn(5, width), torch.randn(5)
+    torch.save({"epoch": 100, "state_dict": {"module.linear.weight": weight, "module.linear.bias": bias}}, tmp_path / "head.pth")
+    probe = LinearProbe(weights=str(tmp_path / "w.pth"), backbone_kwargs={"num_heads": 2}, protocol="dino",
+                        feature=feature, n_last_blocks=n_last_blocks, head_weights=str(tmp_path / "head.pth")).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        blocks = backbone.get_intermediate_layers(images, n=2, return_prefix_tokens=True, norm=True)
+        if feature == "cls":
+            reference = torch.cat([prefix[:, 0] for _, prefix in blocks], dim=-1)
+        else:
+            cls, mean = blocks[-1][1][:, 0], blocks[-1][0].mean(1)
+            reference = torch.cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), dim=-1).reshape(3, -1)
+        torch.testing.assert_close(probe(images), reference @ weight.T + bias)
+    with pytest.raises(ValueError, match="64-wide features"):
+        LinearProbe(weights=str(tmp_path / "w.pth"), backbone_kwargs={"num_heads": 2}, protocol="dino",
+                    feature="cls", n_last_blocks=1, head_weights=str(tmp_path / "head.pth"))
+    with pytest.raises(ValueError, match="protocol='dino'"):
+        LinearProbe(weights=str(tmp_path / "w.pth"), backbone_kwargs={"num_heads": 2}, protocol="mae",
+                    feature=feature, n_last_blocks=n_last_blocks, head_weights=str(tmp_path / "head.pth"))

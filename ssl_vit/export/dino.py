@@ -19,6 +19,8 @@ from typing import Dict, Mapping, Optional
 
 from torch import Tensor
 
+from ssl_vit.export.io import PathLike, safe_torch_load
+
 _WEIGHT_NORM = {
     "head.last_layer.weight_g": "head.last_layer.parametrizations.weight.original0",
     "head.last_layer.weight_v": "head.last_layer.parametrizations.weight.original1",
@@ -75,3 +77,27 @@ def ssl_vit_to_dino_reference(state: Mapping[str, Tensor], role: str = "teacher"
         raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
     prefix = role + "."
     return {ssl_vit_to_reference_key(k[len(prefix):]): v for k, v in state.items() if k.startswith(prefix)}
+
+
+LINEAR_HEAD_KEYS = ("linear.weight", "linear.bias")
+
+
+def read_linear_head(path: PathLike) -> Dict[str, Tensor]:
+    """A released DINO linear head (``eval_linear.py``'s checkpoint: ``{"state_dict": {"module.linear.weight",
+    "module.linear.bias"}, ...}``, or its state dict alone; ``module.`` optional) as ``{"weight": [C, F],
+    "bias": [C]}`` for ``LinearProbe(protocol="dino", head_weights=...)``.
+
+    Its input is the reference feature layout: ``feature="cls"`` with the ``n_last_blocks`` it was trained
+    with (ViT-S: 4), or ``feature="cls_avg"`` (ViT-B: CLS and mean interleaved per channel).
+    """
+    obj = safe_torch_load(path)
+    state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} is not a DINO linear head checkpoint (no state dict)")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if set(state) != set(LINEAR_HEAD_KEYS):
+        raise KeyError(f"{path} is not a DINO linear head: expected keys {list(LINEAR_HEAD_KEYS)}, found {sorted(state)[:10]}")
+    weight, bias = state["linear.weight"], state["linear.bias"]
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise ValueError(f"{path}: linear head shapes {tuple(weight.shape)} / {tuple(bias.shape)} do not form a Linear")
+    return {"weight": weight, "bias": bias}

@@ -22,6 +22,7 @@ from timm.optim import Lars
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ssl_vit.export.dino import read_linear_head
 from ssl_vit.methods.base import param_groups
 from ssl_vit.methods.classifier import ClassifierModule
 from ssl_vit.methods.knn import (
@@ -53,7 +54,8 @@ class LinearProbe(ClassifierModule):
         role: backbone role of multi-backbone files (DINO ``teacher`` / ``student``).
         backbone_kwargs: ``create_backbone`` kwargs (``img_size`` to probe at another resolution:
             the position embedding is resampled).
-        num_classes: classes; from the datamodule when None (a mismatch is an error at setup).
+        num_classes: classes; from the datamodule (or ``head_weights``) when None (a mismatch is an
+            error at setup).
         protocol: ``"mae"`` (BatchNorm + Linear, LARS) or ``"dino"`` (Linear, SGD).
         feature: ``"cls"``, ``"avg"``, ``"cls_avg"`` (DINO ViT-B) or ``"gap"`` (MAE global pool); see ``vit_features``.
         n_last_blocks: CLS tokens of that many last blocks are concatenated (DINO: 4 for ViT-S/16).
@@ -65,6 +67,9 @@ class LinearProbe(ClassifierModule):
         momentum: SGD / LARS momentum.
         on_nonfinite, max_skipped_steps, nonfinite_check_every: the non-finite guard, see
             ``ScheduledModule``.
+        head_weights: a released DINO linear head (``eval_linear.py`` checkpoint, see
+            ``ssl_vit.export.dino.read_linear_head``) to start from or to validate as it is; needs
+            ``protocol="dino"`` and the feature layout it was trained on.
     """
 
     stage = "probe"
@@ -88,6 +93,7 @@ class LinearProbe(ClassifierModule):
         on_nonfinite: Policy = "skip",
         max_skipped_steps: Optional[int] = 100,
         nonfinite_check_every: Optional[int] = None,
+        head_weights: Optional[str] = None,
     ) -> None:
         if protocol not in PROTOCOL_DEFAULTS:
             raise ValueError(f"protocol must be 'mae' or 'dino', got {protocol!r}")
@@ -108,7 +114,23 @@ class LinearProbe(ClassifierModule):
         self.backbone, self.backbone_arch, self.backbone_kwargs = build_frozen_backbone(weights, arch, role, backbone_kwargs)
         self.protocol, self.feature, self.n_last_blocks, self.momentum = protocol, feature, n_last_blocks, momentum
         self.feature_dim = feature_dim(self.backbone, feature, n_last_blocks)
+        head = None
+        if head_weights is not None:
+            head = read_linear_head(head_weights)
+            if protocol != "dino":
+                raise ValueError(f"head_weights is a DINO linear head: use protocol='dino', got {protocol!r}")
+            classes, width = head["weight"].shape
+            if width != self.feature_dim:
+                raise ValueError(
+                    f"{head_weights} reads {width}-wide features, but feature={feature!r} with "
+                    f"n_last_blocks={n_last_blocks} gives {self.feature_dim}"
+                )
+            if num_classes is not None and num_classes != classes:
+                raise ValueError(f"{head_weights} has {classes} classes, num_classes={num_classes} was given")
+            num_classes = classes
         self.init_head(num_classes)
+        if head is not None:
+            self.head.load_state_dict(head, strict=True)
 
     def make_head(self, num_classes: int) -> nn.Module:
         """MAE: BatchNorm (no affine) + Linear, weight ~ trunc normal(0.01); DINO: Linear ~ N(0, 0.01)."""
