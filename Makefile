@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo quality clean
+.PHONY: install test test-fast demo quality clean
 
 install: $(STAMP)
 
@@ -13,8 +13,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# everything, as CI runs it (multi-process, CLI-training and end-to-end chains included)
 test: $(STAMP)
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q
+
+# every module's unit tests, without the tests marked slow: the loop while developing
+test-fast: $(STAMP)
+	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m ssl_vit demo --output runs/demo

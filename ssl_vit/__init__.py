@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "create_backbone": "ssl_vit.models.backbone",
-    "load_backbone": "ssl_vit.export.backbone",
-    "load_mae": "ssl_vit.export.mae",
-    "self_attention": "ssl_vit.export.attention",
+    "load_backbone": "ssl_vit.checkpoints.load",
+    "load_mae": "ssl_vit.checkpoints.mae",
+    "self_attention": "ssl_vit.viz.attention",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,48 +1,48 @@
-"""The `ssl-vit` command (also `python -m ssl_vit`).
+"""The LightningCLI behind `ssl-vit fit|validate|test|predict` (the apps add `ssl-vit demo`).
 
     ssl-vit fit --config recipes/mae/vit_base_patch16_in1k.yaml [--trainer.devices 8 ...]
     ssl-vit validate --config recipes/probe/knn_cifar10.yaml
-    ssl-vit demo --output runs/demo
 
-`fit`, `validate`, `test` and `predict` are LightningCLI subcommands: the recipe names the
-LightningModule and DataModule by class path, unknown keys fail at start-up naming the key, and the
-resolved configuration is saved as ``config.yaml`` in the run directory. `demo` is the end-to-end
-example run on scikit-learn's digits.
+The recipe names the LightningModule and DataModule by class path, unknown keys fail at start-up
+naming the key, and the resolved configuration is saved as ``config.yaml`` in the run directory.
+Two callbacks are always added, each configured by its own section of the recipe:
+
+* ``nonfinite`` (``ssl_vit.training.NonFiniteGuard``): steps with a non-finite loss or gradient are
+  skipped on the device (``policy: skip|stop``, ``max_skipped_steps``, ``check_every``);
+* ``startup_checks`` (``ssl_vit.training.StartupChecks``): empty data and image sizes that are not
+  multiples of the patch size fail before any compute.
+
+wandb follows its own ``WANDB_MODE`` (``offline`` writes a run to sync later); nothing here probes
+the network.
 """
 import copy
-import os
-import socket
-import sys
+import warnings
 from typing import Any, List, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
-from ssl_vit.methods.checks import check_resume_config
-
-
-def _network_reachable(host: str = "api.wandb.ai", port: int = 443, timeout: float = 2.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def default_wandb_offline() -> None:
-    """Let wandb write an offline run when it cannot reach its server, instead of hanging at start.
-
-    An explicit ``WANDB_MODE`` is always respected.
-    """
-    if "WANDB_MODE" not in os.environ and not _network_reachable():
-        os.environ["WANDB_MODE"] = "offline"
-        print("ssl-vit: wandb server unreachable, logging offline (sync later with `wandb sync`)", file=sys.stderr)
+from ssl_vit.training.checks import StartupChecks, check_resume_config
+from ssl_vit.training.nonfinite import NonFiniteGuard
 
 
 class SSLViTCLI(LightningCLI):
-    """LightningCLI that refuses a ``--ckpt_path`` whose model differs from the recipe's: LightningCLI
-    replaces the recipe's model configuration by the checkpoint's hyperparameters, so a checkpoint of
-    another method or architecture would otherwise silently replace the recipe's model."""
+    """LightningCLI with the always-on callbacks, and refusing a ``--ckpt_path`` whose model differs
+    from the recipe's: LightningCLI replaces the recipe's model configuration by the checkpoint's
+    hyperparameters, so a checkpoint of another method or architecture would otherwise silently
+    replace the recipe's model."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(StartupChecks, "startup_checks")
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """The trainer, with the non-finite guard first among the callbacks: its end-of-step
+        roll-back must happen before any other callback (Preemption, recorders) reads the state."""
+        trainer = super().instantiate_trainer(**kwargs)
+        guards = [c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)]
+        trainer.callbacks = guards + [c for c in trainer.callbacks if not isinstance(c, NonFiniteGuard)]
+        return trainer
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -58,7 +58,9 @@ class SSLViTCLI(LightningCLI):
 
 def run_lightning(args: Optional[List[str]] = None) -> LightningCLI:
     """LightningCLI taking any LightningModule / DataModule by class path (the recipes name them)."""
-    default_wandb_offline()
+    # DINO's device-side augmentation overrides on_after_batch_transfer on purpose; Lightning warns
+    # whenever a module does so while a DataModule is used. Silenced for the command, not on import.
+    warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
     return SSLViTCLI(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -70,13 +72,7 @@ def run_lightning(args: Optional[List[str]] = None) -> LightningCLI:
 
 
 def main(args: Optional[List[str]] = None) -> None:
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "demo":
-        from ssl_vit.demo import main as demo_main
-
-        demo_main(argv[1:])
-        return
-    run_lightning(None if args is None else argv)  # None: LightningCLI reads sys.argv itself (no warning)
+    run_lightning(None if args is None else list(args))  # None: LightningCLI reads sys.argv itself (no warning)
 
 
 if __name__ == "__main__":

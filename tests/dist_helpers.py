@@ -67,3 +67,18 @@ def torchrun() -> List[str]:
     """The ``torchrun`` beside this interpreter (it is ``python -m torch.distributed.run``)."""
     script = Path(sys.executable).parent / "torchrun"
     return [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+class Crops(torch.utils.data.Dataset):
+    """DINO views of given images: 2 global crops (the image, its mirror) and one 16x16 local crop.
+    Defined here so that spawned ranks (ddp_spawn) import it by a stable module name."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        x = self.x[i]
+        return [x, x.flip(-1), x[:, :16, :16]], -1

@@ -146,7 +146,7 @@ def dino_batches(golden: Mapping[str, Any]) -> List[Tuple[List[Tensor], Tensor]]
 
 
 def run_dino(golden: Mapping[str, Any], **overrides: Any) -> Tuple[DINO, Recorder]:
-    from ssl_vit.export.dino import dino_reference_to_ssl_vit
+    from ssl_vit.checkpoints.dino import dino_reference_to_ssl_vit
 
     module = dino_module(golden["config"], **overrides)
     state = dino_reference_to_ssl_vit(golden["student_init"], golden["teacher_init"], golden["center"][0] * 0)
@@ -198,7 +198,7 @@ def mae_module(config: Mapping[str, Any], **overrides: Any) -> MAE:
 
 
 def run_mae(golden: Mapping[str, Any], **overrides: Any) -> Tuple[MAE, Recorder]:
-    from ssl_vit.export.mae import reference_to_ssl_vit_key
+    from ssl_vit.checkpoints.mae import reference_to_ssl_vit_key
 
     module = mae_module(golden["config"], **overrides)
     module.load_state_dict({reference_to_ssl_vit_key(k): v for k, v in golden["init"].items()}, strict=True)

@@ -79,13 +79,28 @@ def test_python_dash_m_runs_the_cli():
     assert "--config" in result.stdout and "--trainer" in result.stdout
 
 
-def test_wandb_goes_offline_when_the_server_is_unreachable(monkeypatch):
-    from ssl_vit import cli
+def test_starting_the_cli_opens_no_connection(monkeypatch):
+    """wandb follows WANDB_MODE on its own: ssl-vit probes no server at start (every rank used to)."""
+    import socket
 
+    opened = []
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: opened.append(a) or pytest.fail("network"))
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setattr(cli, "_network_reachable", lambda *a, **k: False)
-    cli.default_wandb_offline()
-    assert os.environ["WANDB_MODE"] == "offline"
-    monkeypatch.setenv("WANDB_MODE", "online")  # an explicit choice is kept
-    cli.default_wandb_offline()
-    assert os.environ["WANDB_MODE"] == "online"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--help"])
+    assert exit_info.value.code == 0 and opened == []
+    assert "WANDB_MODE" not in os.environ
+
+
+def test_the_guard_and_the_start_up_checks_are_configurable_sections(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "--nonfinite.policy" in out and "--nonfinite.max_skipped_steps" in out and "ssl_vit.training.StartupChecks" in out
+
+
+def test_the_apps_commands_share_the_entry_point():
+    result = subprocess.run([sys.executable, "-m", "ssl_vit", "demo", "--help"], capture_output=True, text=True,
+                            env=dict(os.environ, WANDB_MODE="offline"), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "--output" in result.stdout

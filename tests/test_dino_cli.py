@@ -8,10 +8,11 @@ import torch
 import yaml
 from PIL import Image
 
-from ssl_vit.cli import main as cli_main, run_lightning
-from ssl_vit.data.gpu_augment import MultiCropGPUAugment
+from ssl_vit.checkpoints.load import load_backbone
+from ssl_vit.cli import main as cli_main
+from ssl_vit.cli import run_lightning
 from ssl_vit.data import write_shards
-from ssl_vit.export.backbone import load_backbone
+from ssl_vit.data.gpu_augment import MultiCropGPUAugment
 from ssl_vit.methods.dino import DINO
 from ssl_vit.models.backbone import VIT_SIZES
 
@@ -99,7 +100,7 @@ def test_recipes_parse_strictly_and_follow_the_paper(recipe, capsys):
     crops = crops["init_args"]
     assert crops["global_scale"] == [0.4, 1.0] and crops["local_scale"] == [0.05, 0.4]
     callbacks = [c["class_path"] for c in trainer.get("callbacks", [])]
-    assert "ssl_vit.callbacks.knn.KNNMonitor" in callbacks
+    assert "ssl_vit.training.knn_monitor.KNNMonitor" in callbacks
     if recipe.stem.endswith("in1k"):
         batch = trainer["devices"] * trainer.get("num_nodes", 1) * data["batch_size"] * trainer.get("accumulate_grad_batches", 1)
         assert batch == 1024 and trainer["max_epochs"] == (100 if vit_b else 300)

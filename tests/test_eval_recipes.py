@@ -8,11 +8,13 @@ import torch
 import yaml
 from PIL import Image
 
+from ssl_vit.checkpoints.format import backbone_metadata
+from ssl_vit.checkpoints.load import load_backbone
 from ssl_vit.cli import main as cli_main
 from ssl_vit.data import write_shards
-from ssl_vit.export.backbone import load_backbone
-from ssl_vit.methods.base import backbone_metadata
 from ssl_vit.models.backbone import create_backbone
+
+pytestmark = pytest.mark.slow  # processes, CLI training or end-to-end chains: `make test` only
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes" / "probe").glob("*.yaml")) + sorted((ROOT / "recipes" / "finetune").glob("*.yaml"))

@@ -8,9 +8,9 @@ import torch
 import yaml
 from PIL import Image
 
+from ssl_vit.checkpoints.mae import load_mae
 from ssl_vit.cli import main as cli_main
 from ssl_vit.data import write_shards
-from ssl_vit.export.mae import load_mae
 from ssl_vit.methods.mae import MAE
 from ssl_vit.models.backbone import VIT_SIZES
 

@@ -5,11 +5,11 @@
     python tools/bench_quality.py --data ../shared/datasets/cifar10-jpg.tar.gz --output runs/quality
     python tools/bench_quality.py --data ... --output runs/quality --resume   # continue an interrupted run
 
-Writes OUTPUT/results.json, OUTPUT/results.md and OUTPUT/attention_gallery.png (see ssl_vit.quality).
+Writes OUTPUT/results.json, OUTPUT/results.md and OUTPUT/attention_gallery.png (see ssl_vit.apps.quality).
 """
 import sys
 
-from ssl_vit.quality import main
+from ssl_vit.apps.quality import main
 
 if __name__ == "__main__":
     try:

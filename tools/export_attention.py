@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export self-attention maps of a ViT backbone as a browsable gallery (see ssl_vit/export/gallery.py).
+"""Export self-attention maps of a ViT backbone as a browsable gallery (see ssl_vit/viz/gallery.py).
 
     python tools/export_attention.py --weights dino_teacher.ckpt --images photos/ --output attn/
     python tools/export_attention.py --weights vit.pth --arch vit_small_patch16 \
@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 
 import ssl_vit
-from ssl_vit.export.gallery import export_attention
+from ssl_vit.viz.gallery import export_attention
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

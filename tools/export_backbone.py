@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a ViT backbone as a timm-loadable model.safetensors + config.json (see ssl_vit/export/timm_export.py).
+"""Export a ViT backbone as a timm-loadable model.safetensors + config.json (see ssl_vit/checkpoints/timm_export.py).
 
     python tools/export_backbone.py --weights runs/dino/last.ckpt --output exported/dino_vits16
     python tools/export_backbone.py --weights dino_deitsmall16_pretrain.pth --arch vit_small_patch16 --output out/
@@ -15,7 +15,7 @@ import argparse
 import json
 from typing import List, Optional
 
-from ssl_vit.export.timm_export import export_backbone
+from ssl_vit.checkpoints.timm_export import export_backbone
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -17,8 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the replay helpers live with the tests
 
 import golden  # noqa: E402
-from ssl_vit.export.dino import ssl_vit_to_dino_reference  # noqa: E402
-from ssl_vit.export.mae import ssl_vit_to_reference_key  # noqa: E402
+
+from ssl_vit.checkpoints.dino import ssl_vit_to_dino_reference  # noqa: E402
+from ssl_vit.checkpoints.mae import ssl_vit_to_reference_key  # noqa: E402
 from ssl_vit.methods.dino import DINO  # noqa: E402
 
 

@@ -8,7 +8,7 @@ for any images, from any MAE checkpoint ssl_vit or facebookresearch/mae wrote.
 import argparse
 from typing import List, Optional
 
-from ssl_vit.export.reconstruction import visualize_mae
+from ssl_vit.viz.reconstruction import visualize_mae
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 def _ignore_requeue_signal(worker_id: int) -> None:
     """DataLoader workers ignore SIGUSR1: SLURM sends it to every process of a task before the time
-    limit, and only the main process acts on it (``ssl_vit.callbacks.Preemption``). Workers started
+    limit, and only the main process acts on it (``ssl_vit.training.Preemption``). Workers started
     with ``spawn``/``forkserver`` would otherwise die of it (its default action is to terminate)."""
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)

@@ -17,6 +17,8 @@ from webdataset.tariterators import base_plus_ext
 logger = logging.getLogger("ssl_vit.data.pipeline")
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # member suffixes read as the image, in this priority
+# image files ssl_vit picks out of folders (the attention and reconstruction tools, the quality data)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LABEL_KEY = "cls"
 PIL_FORMATS = ("JPEG", "PNG", "WEBP")  # the only decoders PIL may use on untrusted bytes
 FORMAT_KEYS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-
 Reduce = Callable[[Tensor], Tensor]
 
 

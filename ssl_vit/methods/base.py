@@ -1,23 +1,18 @@
 """The small base every training stage shares: AdamW with per-step learning-rate and weight-decay
 schedules, the learning rate scaled by the global batch.
 
-Subclasses pass their optimisation arguments to ``__init__`` and implement ``training_step``.
-Anything method-specific (EMA momentum, teacher temperature) lives in the subclass.
-
-Every stage also gets the non-finite guard (``ssl_vit.methods.nonfinite``): a step whose loss or
-gradient norm is NaN/inf is skipped on the device, without a per-step host sync. Subclasses that
-override ``on_train_start``, ``on_before_backward``, ``on_before_optimizer_step``, ``optimizer_step``,
-``on_train_batch_end`` or ``on_train_end`` call ``super()``.
+Subclasses pass their optimisation arguments to ``__init__`` (by keyword) and implement
+``training_step``. Anything method-specific (EMA momentum, teacher temperature) lives in the subclass.
+Operations (the non-finite guard, start-up checks, checkpoints, preemption) are opt-in callbacks in
+``ssl_vit.training``; the only hook they use here is ``step_skipped``.
 """
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from ssl_vit.methods.checks import check_run
-from ssl_vit.methods.nonfinite import NonFiniteGuard, Policy, supports_found_inf, validate_policy
 from ssl_vit.methods.schedules import at, cosine_schedule
 
 # Devices whose fused AdamW kernels exist and honour `found_inf` (CPU since torch 2.4).
@@ -81,18 +76,15 @@ class ScheduledModule(pl.LightningModule):
         weight_decay: weight decay at the start.
         weight_decay_end: weight decay at the end (cosine); ``None`` keeps it constant.
         betas: AdamW betas.
-        on_nonfinite: what a step with a non-finite loss or gradient norm does: ``"skip"`` (the
-            step is not applied and is counted) or ``"stop"`` (not applied; training then raises
-            ``NonFiniteError`` at the next check, naming the step and the last checkpoint).
-        max_skipped_steps: under ``"skip"``, raise once more steps than this were skipped since
-            the run (re)started; ``None``: never.
-        nonfinite_check_every: optimiser steps between the host reads of the skip counters (the
-            only host sync of the guard); ``None``: ``trainer.log_every_n_steps``.
         wd_exempt_tokens: also keep tokens and position embeddings (``TOKENS``) from weight decay
             (not the references' behaviour; an option).
 
     ``warmup_reaches_base`` (class attribute) picks the reference's warm-up convention (see
     ``cosine_schedule``): False as MAE, True as DINO.
+
+    ``step_skipped`` is the hook for ``ssl_vit.training.NonFiniteGuard``: while it guards a run it
+    holds a bool ``[]`` device tensor, true when this optimiser step is skipped (a stage with state
+    outside its optimiser, like DINO's EMA teacher, holds it still then); ``None`` otherwise.
     """
 
     warmup_reaches_base = False
@@ -106,13 +98,9 @@ class ScheduledModule(pl.LightningModule):
         weight_decay: float = 0.05,
         weight_decay_end: Optional[float] = None,
         betas: Sequence[float] = (0.9, 0.999),
-        on_nonfinite: Policy = "skip",
-        max_skipped_steps: Optional[int] = 100,
-        nonfinite_check_every: Optional[int] = None,
         wd_exempt_tokens: bool = False,
     ) -> None:
         super().__init__()
-        validate_policy(on_nonfinite, max_skipped_steps, nonfinite_check_every)
         for name, value in dict(base_lr=base_lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay).items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -126,18 +114,13 @@ class ScheduledModule(pl.LightningModule):
         self.wd_exempt_tokens = wd_exempt_tokens
         self.lr_schedule: Optional[torch.Tensor] = None
         self.wd_schedule: Optional[torch.Tensor] = None
-        self.nonfinite = NonFiniteGuard(on_nonfinite, max_skipped_steps, nonfinite_check_every)
+        self.step_skipped: Optional[torch.Tensor] = None
 
     # -- what subclasses may override ------------------------------------------------------------
     def optimizer_param_groups(self) -> List[Dict]:
         """Parameter groups for AdamW; the default decays every trainable parameter of the module
         except biases and 1-D tensors (and tokens with ``wd_exempt_tokens``)."""
         return param_groups(self.named_parameters(), self.weight_decay, exempt_tokens=self.wd_exempt_tokens)
-
-    def setup(self, stage: str) -> None:
-        """Start-up checks, before any compute (``ssl_vit.methods.checks.check_run``: image sizes
-        against the patch size...). Subclasses that override ``setup`` call ``super()`` first."""
-        check_run(self, stage)
 
     # -- schedules -------------------------------------------------------------------------------
     @property
@@ -197,85 +180,6 @@ class ScheduledModule(pl.LightningModule):
         """Give each process its own random stream (MAE masks, drop path): ``seed_everything`` seeds
         every rank alike, so without this all ranks would mask the same patches (the reference MAE
         seeds ``seed + rank``). Runs after DDP has broadcast rank 0's weights; a resumed run then
-        restores each rank's saved state (``ssl_vit.callbacks.Checkpoint``)."""
+        restores each rank's saved state (``ssl_vit.training.Checkpoint``)."""
         if self.trainer.world_size > 1:
             torch.manual_seed(rank_seed(torch.initial_seed(), self.global_rank))
-
-    # -- the non-finite guard (ssl_vit.methods.nonfinite) ------------------------------------------
-    def on_train_start(self) -> None:
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        held = [b for b in self.buffers() if b.is_floating_point()]  # BatchNorm statistics, DINO centre
-        every = self.trainer.log_every_n_steps or 50
-        self.nonfinite.start(self.device, held, loss_only=scaler is not None, check_every=every)
-
-    def on_before_backward(self, loss: torch.Tensor) -> None:
-        self.nonfinite.observe_loss(loss)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Decide on the device whether this step is applied, and log the total gradient norm."""
-        if not self.nonfinite.active:
-            return
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and supports_found_inf(optimizer):
-            # Lightning leaves gradients scaled for optimisers that unscale in their step (fused);
-            # unscale them now, so that norms and clipping see true values (the scaler's step
-            # then uses grad_scale=None and the inf check of this call)
-            scaler.unscale_(optimizer)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        world = self.trainer.world_size
-        reduce = (lambda t: self.all_gather(t).amax()) if world > 1 else (lambda t: t)
-        _, norm = self.nonfinite.flag(grads, self.global_step, reduce)
-        self.nonfinite.arm(optimizer)
-        self.log_dict(
-            {"train/grad_norm": norm, "train/skipped_steps": self.nonfinite.skipped.float()},
-            on_step=True, on_epoch=False, batch_size=1,
-        )
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.nonfinite.active:
-            self.nonfinite.after_step()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.nonfinite.due():
-            self.nonfinite.check(self.last_checkpoint_path())
-
-    def on_train_end(self) -> None:
-        self.nonfinite.check(self.last_checkpoint_path())
-        self.nonfinite.stop()
-
-    def last_checkpoint_path(self) -> str:
-        """The most recent checkpoint of the trainer's checkpoint callback ("" if none yet)."""
-        callback = self.trainer.checkpoint_callback
-        if callback is None:
-            return ""
-        return getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "") or ""
-
-
-# Every ssl_vit Lightning checkpoint carries this entry, so that `load_backbone` can rebuild the
-# backbone with no other information: {"method", "arch", "backbone_kwargs", "backbones", "default"}.
-CHECKPOINT_KEY = "ssl_vit"
-
-
-def backbone_metadata(
-    method: str, arch: str, backbone_kwargs: Dict, backbones: Dict[str, str], default: str
-) -> Dict:
-    """The ``checkpoint["ssl_vit"]`` entry.
-
-    Args:
-        method: ``"mae"``, ``"dino"``, ``"probe"``, ``"finetune"``.
-        arch: the ``create_backbone`` name.
-        backbone_kwargs: the ``create_backbone`` keyword arguments (``img_size``, ``pos_embed``...).
-        backbones: role -> state-dict prefix of that backbone, e.g. ``{"teacher": "teacher.backbone.",
-            "student": "student.backbone."}``.
-        default: the role ``load_backbone`` returns when none is asked for.
-    """
-    if default not in backbones:
-        raise ValueError(f"default backbone {default!r} is not one of {sorted(backbones)}")
-    return {
-        "method": method,
-        "arch": arch,
-        "backbone_kwargs": dict(backbone_kwargs),
-        "backbones": dict(backbones),
-        "default": default,
-    }

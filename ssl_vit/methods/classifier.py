@@ -4,12 +4,13 @@ checkpoint metadata that lets ``load_backbone`` read the backbone back.
 """
 from typing import Any, Dict, Optional, Tuple
 
+import pytorch_lightning as pl
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ssl_vit.methods.base import CHECKPOINT_KEY, ScheduledModule, backbone_metadata
-from ssl_vit.methods.knn import resolve_num_classes
+from ssl_vit.checkpoints.format import CHECKPOINT_KEY, stage_metadata
+from ssl_vit.methods.base import ScheduledModule
 
 
 class ClassifierModule(ScheduledModule):
@@ -20,6 +21,8 @@ class ClassifierModule(ScheduledModule):
     """
 
     stage = "classifier"  # the method name written into checkpoints
+    BACKBONES = {"backbone": "backbone"}
+    EVAL_BACKBONE = "backbone"
 
     def init_head(self, num_classes: Optional[int]) -> None:
         """Build the head now if the class count is known, else at setup."""
@@ -66,6 +69,18 @@ class ClassifierModule(ScheduledModule):
         self.log_dict({"val/top1": self.top1, "val/top5": self.top5}, on_epoch=True, prog_bar=True, batch_size=len(labels))
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = backbone_metadata(
-            self.stage, self.backbone_arch, self.backbone_kwargs, {"backbone": "backbone."}, "backbone"
-        )
+        checkpoint[CHECKPOINT_KEY] = stage_metadata(self, self.stage, self.backbone_arch, self.backbone_kwargs)
+
+
+def resolve_num_classes(num_classes: Optional[int], trainer: "pl.Trainer") -> int:
+    """``num_classes`` checked against the datamodule's (or taken from it when None)."""
+    found = getattr(getattr(trainer, "datamodule", None), "num_classes", None)
+    if num_classes is None:
+        if not found:
+            raise ValueError("num_classes is not given and the datamodule does not say it (datamodule.num_classes)")
+        return int(found)
+    if found and int(found) != num_classes:
+        raise ValueError(f"num_classes={num_classes} is given, but the datamodule has {found} classes")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return num_classes

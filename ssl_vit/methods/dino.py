@@ -9,16 +9,17 @@ Where each step happens (per optimiser step, in Lightning's order):
 1. ``on_train_batch_start`` (ScheduledModule): learning rate and weight decay of this step.
 2. ``training_step``: teacher on the 2 global crops (no grad), student on all crops, DINO loss with
    this step's teacher temperature; the centre is updated (all-reduced) inside the loss.
-3. ``on_before_optimizer_step``: the non-finite guard (``ScheduledModule``) decides on the device
-   whether this step is applied; then ALL gradient handling, on unscaled gradients: per-tensor clipping
+3. ``on_before_optimizer_step``: (with ``ssl_vit.training.NonFiniteGuard``, whose hook runs first,
+   the guard decides on the device whether this step is applied;) then ALL gradient handling, on unscaled gradients: per-tensor clipping
    to ``clip_grad`` (as the reference ``clip_gradients``), then the head's last layer gradients are
    set to None during the first ``freeze_last_layer`` epochs (AdamW then skips it entirely: no
    update, no weight decay). Trainer-level ``gradient_clip_val`` is refused (it would clip twice).
 4. ``optimizer_step``: the optimiser step, and right after it the teacher EMA with this step's
    momentum. Lightning calls ``optimizer_step`` only on real optimiser steps, so under gradient
    accumulation the teacher moves once per optimiser step, like the student. On a step the guard
-   skipped, the student, the teacher and the centre all keep their values (no host sync: the EMA
-   momentum becomes the device tensor ``where(bad, 1, m)``; the guard rolls the centre back).
+   skipped (``step_skipped``), the student, the teacher and the centre all keep their values (no
+   host sync: the EMA momentum becomes the device tensor ``where(bad, 1, m)``; the guard rolls the
+   centre back).
 """
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
@@ -27,10 +28,10 @@ import torch
 from timm.layers import trunc_normal_
 from torch import Tensor
 
+from ssl_vit.checkpoints.format import CHECKPOINT_KEY, stage_metadata
 from ssl_vit.data.gpu_augment import MultiCropGPUAugment, augment_batch, device_augment_for
 from ssl_vit.losses.dino import DINOLoss, teacher_stats
-from ssl_vit.methods.base import CHECKPOINT_KEY, ScheduledModule, backbone_metadata, param_groups
-from ssl_vit.methods.nonfinite import Policy
+from ssl_vit.methods.base import ScheduledModule, param_groups
 from ssl_vit.methods.schedules import at, cosine_schedule, linear_then_constant
 from ssl_vit.models.backbone import create_backbone
 from ssl_vit.models.dino_head import DINOHead, MultiCropNet
@@ -101,8 +102,6 @@ class DINO(ScheduledModule):
             ``img_size`` (the local crops): ``"dino"``, the reference's ``interpolate_pos_encoding``,
             or ``"timm"``, timm's size-based antialiased resize. Recorded in checkpoints, so
             evaluation at other resolutions uses the same convention.
-        on_nonfinite, max_skipped_steps, nonfinite_check_every: the non-finite guard, see
-            ``ScheduledModule``.
         compile_blocks: ``torch.compile`` every student and teacher block (GPU runs; one graph per
             crop resolution, see ``ssl_vit.models.speed``).
         grad_checkpointing: recompute the student's blocks in backward (activation memory).
@@ -147,17 +146,13 @@ class DINO(ScheduledModule):
         betas: Sequence[float] = (0.9, 0.999),
         wd_exempt_tokens: bool = False,
         pos_embed_resample: PosEmbedResample = "dino",
-        on_nonfinite: Policy = "skip",
-        max_skipped_steps: Optional[int] = 100,
-        nonfinite_check_every: Optional[int] = None,
         compile_blocks: bool = False,
         grad_checkpointing: bool = False,
         compile_augment: bool = False,
     ) -> None:
         super().__init__(
-            base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas,
-            on_nonfinite=on_nonfinite, max_skipped_steps=max_skipped_steps,
-            nonfinite_check_every=nonfinite_check_every, wd_exempt_tokens=wd_exempt_tokens,
+            base_lr=base_lr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
+            weight_decay_end=weight_decay_end, betas=betas, wd_exempt_tokens=wd_exempt_tokens,
         )
         self.save_hyperparameters()
         temps = dict(student_temp=student_temp, warmup_teacher_temp=warmup_teacher_temp, teacher_temp=teacher_temp)
@@ -234,6 +229,8 @@ class DINO(ScheduledModule):
         """The student only (backbone + head); the teacher is never optimised."""
         return param_groups(self.student.named_parameters(), self.weight_decay, exempt_tokens=self.wd_exempt_tokens)
 
+    BACKBONES = {"teacher": "teacher.backbone", "student": "student.backbone"}
+    EVAL_BACKBONE = "teacher"
     warmup_reaches_base = True  # the reference cosine_scheduler's warm-up: linspace(0, peak, W)
 
     def build_schedules(self) -> None:
@@ -293,9 +290,8 @@ class DINO(ScheduledModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """The non-finite guard, then per-tensor clipping of the student's gradients, then the
-        last-layer freeze (gradients are unscaled here under AMP)."""
-        super().on_before_optimizer_step(optimizer)
+        """Per-tensor clipping of the student's gradients, then the last-layer freeze (gradients are
+        unscaled here under AMP)."""
         if self.clip_grad > 0:
             grads = [p.grad for p in self.student.parameters() if p.grad is not None]
             clip_grad_per_tensor_(grads, self.clip_grad)
@@ -328,13 +324,13 @@ class DINO(ScheduledModule):
         """``teacher <- momentum * teacher + (1 - momentum) * student`` for every parameter, with
         foreach kernels (buffers are not averaged, as in the reference).
 
-        During training, on a step the non-finite guard skipped, the momentum is 1 (the teacher
-        holds still), chosen on the device: ``m = where(bad, 1, momentum)``, no host sync.
+        During training, on a step ``ssl_vit.training.NonFiniteGuard`` skipped (``step_skipped``), the
+        momentum is 1 (the teacher holds still), chosen on the device: ``m = where(bad, 1, momentum)``, no host sync.
         """
         teacher = list(self.teacher.parameters())
         student = [p.detach() for p in self.student.parameters()]
-        bad = self.nonfinite.bad
-        if bad is None:  # outside training
+        bad = self.step_skipped
+        if bad is None:  # no NonFiniteGuard, or outside training
             torch._foreach_mul_(teacher, momentum)
             torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
             return
@@ -348,7 +344,4 @@ class DINO(ScheduledModule):
         return self.teacher.backbone(images)
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = backbone_metadata(
-            "dino", self.arch, self.backbone_kwargs,
-            {"teacher": "teacher.backbone.", "student": "student.backbone."}, "teacher",
-        )
+        checkpoint[CHECKPOINT_KEY] = stage_metadata(self, "dino", self.arch, self.backbone_kwargs)

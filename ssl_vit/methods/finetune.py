@@ -15,11 +15,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
+from torchvision.transforms.functional import to_pil_image
 
+from ssl_vit.checkpoints.load import build_backbone
 from ssl_vit.methods.base import param_groups
 from ssl_vit.methods.classifier import ClassifierModule
-from ssl_vit.methods.knn import build_backbone
-from ssl_vit.methods.nonfinite import Policy
 
 
 class FinetuneTransform:
@@ -76,7 +76,6 @@ class FinetuneTransform:
 
     def __call__(self, image: Any) -> Tensor:
         if isinstance(image, Tensor):
-            from torchvision.transforms.functional import to_pil_image
 
             image = to_pil_image(image)
         return self.transform(image.convert("RGB"))
@@ -105,8 +104,6 @@ class Finetune(ClassifierModule):
         label_smoothing: label smoothing.
         head_init_std: std of the classifier weight init (MAE: 2e-5).
         base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas: ``ScheduledModule``.
-        on_nonfinite, max_skipped_steps, nonfinite_check_every: the non-finite guard, see
-            ``ScheduledModule``.
     """
 
     stage = "finetune"
@@ -134,14 +131,10 @@ class Finetune(ClassifierModule):
         weight_decay: float = 0.05,
         weight_decay_end: Optional[float] = None,
         betas: Sequence[float] = (0.9, 0.999),
-        on_nonfinite: Policy = "skip",
-        max_skipped_steps: Optional[int] = 100,
-        nonfinite_check_every: Optional[int] = None,
     ) -> None:
         super().__init__(
-            base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas,
-            on_nonfinite=on_nonfinite, max_skipped_steps=max_skipped_steps,
-            nonfinite_check_every=nonfinite_check_every,
+            base_lr=base_lr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
+            weight_decay_end=weight_decay_end, betas=betas,
         )
         if not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")

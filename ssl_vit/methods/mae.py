@@ -3,7 +3,7 @@
 The encoder is the ``create_backbone`` ViT wrapped in ``MaskedViT`` (state-dict prefix
 ``encoder.vit.``), the decoder an ``MAEDecoder`` (prefix ``decoder.``). Optimisation (AdamW, lr
 scaled by global batch / 256, per-step warm-up + cosine, no weight decay on biases and 1-D tensors,
-as the reference) comes from ``ScheduledModule``. ``tests/test_golden_mae.py`` replays 8 reference
+as the reference) comes from ``ScheduledModule``. ``tests/methods/test_golden_mae.py`` replays 8 reference
 training steps.
 """
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -11,14 +11,14 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ssl_vit.checkpoints.format import CHECKPOINT_KEY, stage_metadata
 from ssl_vit.losses.mae import denormalize_patches, mae_loss
-from ssl_vit.methods.base import CHECKPOINT_KEY, ScheduledModule, backbone_metadata
-from ssl_vit.methods.nonfinite import Policy
+from ssl_vit.methods.base import ScheduledModule
 from ssl_vit.models.backbone import create_backbone
 from ssl_vit.models.mae_decoder import MAEDecoder
 from ssl_vit.models.masked_vit import MaskedViT
-from ssl_vit.models.speed import configure_blocks
 from ssl_vit.models.patches import patchify, unpatchify
+from ssl_vit.models.speed import configure_blocks
 
 _REQUIRED_WITHOUT_ARCH = ("patch_size", "embed_dim", "depth", "num_heads")
 
@@ -77,7 +77,6 @@ class MAE(ScheduledModule):
         base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas: see ``ScheduledModule``.
         wd_exempt_tokens: keep ``cls_token`` and ``mask_token`` from weight decay (the reference
             decays them: only biases and 1-D tensors are exempt).
-        on_nonfinite, max_skipped_steps, nonfinite_check_every: the non-finite guard, see ``ScheduledModule``.
         compile_blocks: ``torch.compile`` every encoder and decoder block (GPU runs; see
             ``ssl_vit.models.speed``).
         grad_checkpointing: recompute the encoder's blocks in backward (activation memory of ViT-L/H).
@@ -85,6 +84,9 @@ class MAE(ScheduledModule):
     Batches are ``(images, labels)``; ``images`` is ``[B, C, H, W]`` or a list of views, of which
     only the first is used. Labels are ignored.
     """
+
+    BACKBONES = {"encoder": "encoder.vit"}
+    EVAL_BACKBONE = "encoder"
 
     def __init__(
         self,
@@ -110,17 +112,12 @@ class MAE(ScheduledModule):
         weight_decay_end: Optional[float] = None,
         betas: Sequence[float] = (0.9, 0.95),
         wd_exempt_tokens: bool = False,
-        on_nonfinite: Policy = "skip",
-        max_skipped_steps: Optional[int] = 100,
-        nonfinite_check_every: Optional[int] = None,
         compile_blocks: bool = False,
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__(
             base_lr=base_lr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
-            weight_decay=weight_decay, weight_decay_end=weight_decay_end, betas=betas,
-            on_nonfinite=on_nonfinite, max_skipped_steps=max_skipped_steps,
-            nonfinite_check_every=nonfinite_check_every, wd_exempt_tokens=wd_exempt_tokens,
+            weight_decay=weight_decay, weight_decay_end=weight_decay_end, betas=betas, wd_exempt_tokens=wd_exempt_tokens,
         )
         self.save_hyperparameters()
         if not 0.0 < mask_ratio < 1.0:  # 0 would leave no masked patch to learn from
@@ -247,6 +244,4 @@ class MAE(ScheduledModule):
         return loss
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = backbone_metadata(
-            "mae", self.backbone_arch, self.backbone_kwargs, {"encoder": "encoder.vit."}, "encoder"
-        )
+        checkpoint[CHECKPOINT_KEY] = stage_metadata(self, "mae", self.backbone_arch, self.backbone_kwargs)

@@ -7,7 +7,7 @@
   lr 0.001 x batch / 256, weight decay 0, cosine (100 epochs).
 
 The backbone is frozen: no gradients, and always in eval mode (``train()`` is overridden), so its
-weights leave training bit-identical. Features are those of :func:`ssl_vit.methods.knn.vit_features`.
+weights leave training bit-identical. Features are those of :func:`ssl_vit.eval.features.vit_features`.
 
 Cached features: wrap the image datamodule in :class:`CachedFeatures` and the probe trains on
 features extracted once instead of on images (give the wrapped datamodule the evaluation transform
@@ -22,19 +22,12 @@ from timm.optim import Lars
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ssl_vit.export.dino import read_linear_head
+from ssl_vit.checkpoints.dino import read_linear_head
+from ssl_vit.checkpoints.load import build_frozen_backbone
+from ssl_vit.eval.distributed import gather_rows, split_for_rank
+from ssl_vit.eval.features import Feature, extract_features, feature_dim, vit_features
 from ssl_vit.methods.base import param_groups
 from ssl_vit.methods.classifier import ClassifierModule
-from ssl_vit.methods.knn import (
-    Feature,
-    build_frozen_backbone,
-    extract_features,
-    feature_dim,
-    gather_rows,
-    split_for_rank,
-    vit_features,
-)
-from ssl_vit.methods.nonfinite import Policy
 
 Protocol = Literal["mae", "dino"]
 # Protocol defaults: base lr (for a batch of 256) and warm-up epochs.
@@ -65,10 +58,8 @@ class LinearProbe(ClassifierModule):
         warmup_epochs: linear warm-up (protocol default when None).
         weight_decay: weight decay of the linear weight.
         momentum: SGD / LARS momentum.
-        on_nonfinite, max_skipped_steps, nonfinite_check_every: the non-finite guard, see
-            ``ScheduledModule``.
         head_weights: a released DINO linear head (``eval_linear.py`` checkpoint, see
-            ``ssl_vit.export.dino.read_linear_head``) to start from or to validate as it is; needs
+            ``ssl_vit.checkpoints.dino.read_linear_head``) to start from or to validate as it is; needs
             ``protocol="dino"`` and the feature layout it was trained on.
     """
 
@@ -90,9 +81,6 @@ class LinearProbe(ClassifierModule):
         warmup_epochs: Optional[float] = None,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        on_nonfinite: Policy = "skip",
-        max_skipped_steps: Optional[int] = 100,
-        nonfinite_check_every: Optional[int] = None,
         head_weights: Optional[str] = None,
     ) -> None:
         if protocol not in PROTOCOL_DEFAULTS:
@@ -104,9 +92,6 @@ class LinearProbe(ClassifierModule):
             min_lr=min_lr,
             warmup_epochs=defaults["warmup_epochs"] if warmup_epochs is None else warmup_epochs,
             weight_decay=weight_decay,
-            on_nonfinite=on_nonfinite,
-            max_skipped_steps=max_skipped_steps,
-            nonfinite_check_every=nonfinite_check_every,
         )
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")

@@ -1,0 +1,141 @@
+"""Building blocks of end-to-end runs: `ssl-vit demo` and the CIFAR-10 quality benchmark use them.
+
+* :func:`shard_pattern`: the brace pattern naming the shards ``write_shards`` wrote.
+* :func:`run_cli`: one ``ssl-vit`` command (``fit --config ...``) in this process.
+* :func:`run_cli_subprocess`: the same in a child ``python -m ssl_vit``, its output in a log file.
+* :class:`StageError`: what both raise when a command fails, naming the stage.
+* :func:`knn_accuracy`: weighted k-NN top-1 of any feature function over two image folders.
+* :func:`backbone_features`: a frozen ViT as such a feature function.
+"""
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import torch
+
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the checkout (or site-packages) holding ssl_vit/
+KNN_K, KNN_T = 20, 0.07
+
+
+class StageError(RuntimeError):
+    """A stage of an end-to-end run failed; the message names the stage (and its log, if any)."""
+
+
+def shard_pattern(info: Mapping[str, Any], folder: Path) -> str:
+    """``folder/train-{000000..000009}.tar`` (or the single file) for a ``write_shards`` info dict."""
+    shards = info["shards"]
+    if not shards:
+        raise ValueError(f"no shards listed for {folder}")
+    first, last = Path(shards[0]).stem, Path(shards[-1]).stem
+    prefix, start = first.rsplit("-", 1)
+    end = last.rsplit("-", 1)[1]
+    return str(Path(folder) / (f"{prefix}-{start}.tar" if start == end else f"{prefix}-{{{start}..{end}}}.tar"))
+
+
+def run_cli(args: List[str], stage: str = "ssl-vit") -> Any:
+    """Run ``ssl-vit ARGS`` in this process and return the LightningCLI object.
+
+    Raises:
+        StageError: naming ``stage`` when the command exits with an error or raises.
+    """
+    from ssl_vit.cli import run_lightning
+
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it also sees the caller's argv
+    try:
+        return run_lightning(args)
+    except SystemExit as exc:  # jsonargparse exits on a bad recipe or key
+        if exc.code not in (0, None):
+            raise StageError(f"stage {stage!r} failed: `ssl-vit {shlex.join(args)}` exited with {exc.code}") from exc
+        raise
+    except Exception as exc:
+        raise StageError(f"stage {stage!r} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.argv = argv
+
+
+def _tail(path: Path, lines: int) -> str:
+    """The last ``lines`` non-empty lines of a log (progress-bar carriage returns split lines)."""
+    text = path.read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
+def run_cli_subprocess(
+    args: List[str], stage: str, log: Path, timeout: Optional[float] = None, env: Optional[Dict[str, str]] = None
+) -> float:
+    """Run ``python -m ssl_vit ARGS`` in a child process; stdout and stderr go to ``log``.
+
+    The child runs from the directory holding the ``ssl_vit`` package (which it imports first), with
+    ``WANDB_MODE=offline`` unless the environment says otherwise.
+
+    Returns:
+        The wall time of the child in seconds.
+
+    Raises:
+        StageError: naming ``stage``, the command, the exit code and the last lines of ``log`` when the
+            child fails, or when it runs past ``timeout`` seconds.
+    """
+    command = [sys.executable, "-m", "ssl_vit", *args]
+    child_env = {**os.environ, **(env or {})}
+    child_env.setdefault("WANDB_MODE", "offline")
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), child_env.get("PYTHONPATH", "")) if p)
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        out.write(f"$ {shlex.join(command)}\n")
+        out.flush()
+        try:
+            done = subprocess.run(command, cwd=PACKAGE_PARENT, env=child_env, stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise StageError(f"stage {stage!r} ran past its {timeout:.0f} s limit: {shlex.join(command)} (log: {log})") from exc
+    if done.returncode != 0:
+        raise StageError(
+            f"stage {stage!r} failed with exit code {done.returncode}: {shlex.join(command)}\n"
+            f"last lines of {log}:\n{_tail(log, 25)}"
+        )
+    return time.perf_counter() - start
+
+
+def image_loader(folder: Path, size: int, batch_size: int = 256, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """Every image of an ImageFolder tree once, in order, un-augmented (``EvalTransform``, no crop)."""
+    from ssl_vit.data import EvalTransform, ImageFolderDataModule
+
+    dm = ImageFolderDataModule(train=str(folder), val=str(folder), batch_size=batch_size, num_workers=num_workers,
+                               pin_memory=False, val_transform=EvalTransform(size=size, crop_pct=1.0))
+    dm.setup("validate")
+    return dm.val_dataloader()
+
+
+def knn_accuracy(
+    feature_fn: Callable[[torch.Tensor], torch.Tensor], train: Path, test: Path, size: int,
+    k: int = KNN_K, temperature: float = KNN_T, num_workers: int = 0,
+) -> float:
+    """Top-1 of the weighted k-NN classifier (cosine, votes ``exp(sim / T)``) of ``feature_fn``.
+
+    Args:
+        feature_fn: ``[B, C, H, W] -> [B, F]``.
+        train: ImageFolder tree of the bank.
+        test: ImageFolder tree of the queries (same classes).
+        size: image side the images are resized to (no crop).
+    """
+    from ssl_vit.eval.features import extract_features
+    from ssl_vit.eval.knn import knn_classify
+
+    train_feats, train_labels = extract_features(feature_fn, image_loader(train, size, num_workers=num_workers))
+    test_feats, test_labels = extract_features(feature_fn, image_loader(test, size, num_workers=num_workers))
+    num_classes = int(train_labels.max()) + 1
+    scores = knn_classify(train_feats, train_labels, test_feats, num_classes, k=k, temperature=temperature)
+    return float((scores.argmax(1) == test_labels).float().mean())
+
+
+def backbone_features(model: torch.nn.Module, feature: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images -> vit_features(model, images, feature)`` with ``model`` in eval mode."""
+    from ssl_vit.eval.features import vit_features
+
+    model.eval()
+    return lambda images: vit_features(model, images, feature=feature)

@@ -1,0 +1,351 @@
+"""One loader for every ViT backbone file ssl_vit meets: ``load_backbone(path, arch=None, role=None, **kwargs)``.
+
+Formats, recognised by their layout (never by file name):
+
+* ssl_vit Lightning checkpoints: ``checkpoint["ssl_vit"]`` names the ``create_backbone`` arch and
+  kwargs and the state-dict prefix of each backbone role (MAE ``encoder.vit.``, DINO
+  ``teacher.backbone.`` by default or ``student.backbone.``, probe / finetune ``backbone.``).
+* ssl_vit exports: a directory (or its ``model.safetensors``) with ``config.json`` beside it
+  (see :mod:`ssl_vit.checkpoints.timm_export`).
+* facebookresearch/dino backbone files (a plain timm-layout state dict) and training checkpoints
+  (``student`` / ``teacher`` / ``args`` ...): the teacher backbone unless ``role="student"``.
+* facebookresearch/mae checkpoints ``{"model": ...}``: pretraining ones (``mask_token`` and
+  ``decoder_*`` dropped) and finetuned ones (``head.*`` dropped; ``fc_norm.*`` means average pooling).
+* plain timm state dicts, bare or under ``"state_dict"`` / ``"model"`` (a classifier ``head.*`` is dropped).
+
+Where the file does not name the architecture and ``arch`` is None, it is inferred from tensor
+shapes (width, depth, patch size, image size from ``pos_embed``; heads from the ViT table). Every
+load checks keys and shapes exactly and fails naming the missing and unexpected keys.
+"""
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
+
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from ssl_vit.checkpoints.format import CHECKPOINT_KEY
+from ssl_vit.checkpoints.io import PathLike, check_keys, check_shapes, safe_torch_load
+from ssl_vit.models.backbone import VIT_SIZES, create_backbone
+from ssl_vit.models.pos_embed import pos_embed_resample, resample_pos_embed
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+FORMATS = (
+    "load_backbone knows: ssl_vit Lightning checkpoints (checkpoint['ssl_vit']); ssl_vit exports "
+    "(model.safetensors + config.json); facebookresearch/dino backbones and training checkpoints "
+    "(student/teacher/args); facebookresearch/mae checkpoints ({'model': ...}, pretraining or "
+    "finetuned); plain timm state dicts (bare, or under 'state_dict' / 'model')."
+)
+
+# Heads of the standard ViT sizes, by width (ViT paper, Table 1).
+HEADS_BY_WIDTH = {width: heads for width, _, heads in VIT_SIZES.values()}
+# Reference DINO `args.arch` -> ssl_vit size (the patch size comes from `args.patch_size`).
+_DINO_ARCHS = {"vit_tiny": "tiny", "vit_small": "small", "vit_base": "base"}
+
+
+class LoadedBackbone(NamedTuple):
+    """A loaded backbone and how to rebuild it: ``create_backbone(arch, **kwargs)``."""
+
+    model: VisionTransformer
+    arch: str
+    kwargs: Dict[str, Any]
+    source: str  # the format that was recognised, e.g. "ssl_vit checkpoint (mae, role encoder)"
+
+
+class _Found(NamedTuple):
+    state: Dict[str, Tensor]  # backbone weights in timm layout
+    arch: Optional[str]  # create_backbone name, when the file says it
+    kwargs: Dict[str, Any]  # create_backbone kwargs the file says
+    source: str
+    complete: bool = False  # kwargs fully describe the architecture (no shape inference needed)
+
+
+def load_backbone(
+    path: PathLike, arch: Optional[str] = None, role: Optional[str] = None, **kwargs: Any
+) -> VisionTransformer:
+    """Load the timm ``VisionTransformer`` (no classifier) stored in ``path``, in any known format.
+
+    Args:
+        path: checkpoint file, ``model.safetensors`` or an export directory.
+        arch: ``create_backbone`` / timm name, for files that do not name their architecture
+            (inferred from tensor shapes when None).
+        role: which backbone of a multi-backbone file: ``"teacher"`` (DINO default) or
+            ``"student"``; roles of ssl_vit checkpoints are listed in their metadata.
+        **kwargs: ``create_backbone`` arguments overriding the file's (``img_size`` resamples the
+            position embedding; ``global_pool``, ``drop_path_rate``, ``dynamic_img_size`` ...).
+
+    Returns:
+        The backbone in eval mode; ``model(images)`` gives the pooled feature ``[B, D]``.
+    """
+    return read_backbone(path, arch, role, **kwargs).model
+
+
+def read_backbone(
+    path: PathLike, arch: Optional[str] = None, role: Optional[str] = None, **kwargs: Any
+) -> LoadedBackbone:
+    """``load_backbone`` that also returns the ``create_backbone`` name and kwargs it used."""
+    found = _read(Path(path), role)
+    if arch is not None and found.arch is not None and arch != found.arch:
+        raise ValueError(f"{path} is a {found.arch} backbone ({found.source}), but arch={arch!r} was asked for")
+    state = dict(found.state)
+    build_kwargs = dict(found.kwargs)
+    inferred = ""
+    if found.arch is None and arch is None:
+        arch, shape_kwargs = infer_arch(state, num_heads=kwargs.get("num_heads"))
+        build_kwargs.update(shape_kwargs)
+        inferred = f" (inferred from tensor shapes: {arch} {shape_kwargs})"
+    else:
+        arch = found.arch or arch
+        if not found.complete:
+            build_kwargs = {**_pos_embed_kwargs(state), **build_kwargs}
+    if "fc_norm.weight" in state and "norm.weight" not in state and "global_pool" not in build_kwargs:
+        build_kwargs["global_pool"] = "avg"  # MAE finetuned / timm avg-pool checkpoints
+    build_kwargs.update(kwargs)
+    what = f"{path} [{found.source}] into {arch} {build_kwargs}{inferred}"
+    try:
+        model = create_backbone(arch, **build_kwargs)
+    except Exception as err:
+        raise ValueError(f"cannot build the backbone for {what}: {err}") from err
+    state = _adapt_pooling(state, model)
+    state = _resample_pos_embed(state, model)
+    expected = model.state_dict()
+    check_keys(expected, state, what, FORMATS)
+    check_shapes(expected, state, what)
+    model.load_state_dict(state, strict=True)
+    return LoadedBackbone(model.eval(), arch, _recorded_kwargs(build_kwargs), found.source)
+
+
+# -- formats ----------------------------------------------------------------------------------------
+def _read(path: Path, role: Optional[str]) -> _Found:
+    if path.is_dir() or path.suffix == ".safetensors":
+        return _read_export(path, role)
+    obj = safe_torch_load(path)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict. {FORMATS}")
+    if CHECKPOINT_KEY in obj:
+        return _read_ssl_vit(path, obj, role)
+    if "teacher" in obj and "student" in obj:
+        return _read_dino_training(path, obj, role)
+    _no_roles(path, role, "a single-backbone file")
+    for wrapper in ("model", "state_dict"):
+        if wrapper in obj and isinstance(obj[wrapper], Mapping):
+            return _read_state_dict(path, obj[wrapper], f"{{'{wrapper}': state dict}}")
+    return _read_state_dict(path, obj, "state dict")
+
+
+def _no_roles(path: Path, role: Optional[str], what: str) -> None:
+    if role is not None:
+        raise ValueError(f"{path} is {what}: it has no backbone roles, but role={role!r} was asked for")
+
+
+def _strip(state: Mapping[str, Any], prefix: str) -> Dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _read_ssl_vit(path: Path, obj: Mapping, role: Optional[str]) -> _Found:
+    meta = obj[CHECKPOINT_KEY]
+    roles = meta["backbones"]
+    role = meta["default"] if role is None else role
+    if role not in roles:
+        raise ValueError(f"{path} has backbone roles {sorted(roles)}, not {role!r}")
+    if "state_dict" not in obj:
+        raise ValueError(f"{path} carries ssl_vit metadata but no 'state_dict'")
+    state = _strip(obj["state_dict"], roles[role])
+    if not state:
+        raise KeyError(f"{path}: no key starts with {roles[role]!r} (role {role!r}) in its state_dict")
+    return _Found(state, meta["arch"], dict(meta["backbone_kwargs"]), f"ssl_vit checkpoint ({meta.get('method')}, role {role})", True)
+
+
+def _read_export(path: Path, role: Optional[str]) -> _Found:
+
+    _no_roles(path, role, "an exported backbone")
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
+    state = load_file(str(weights))
+    config_path = weights.parent / CONFIG_NAME
+    if not config_path.is_file():  # a bare safetensors state dict: infer like any other
+        return _read_state_dict(weights, state, "safetensors state dict")
+    config = json.loads(config_path.read_text())
+    if "ssl_vit" in config:
+        return _Found(state, config["ssl_vit"]["arch"], dict(config["ssl_vit"]["backbone_kwargs"]), "ssl_vit export", True)
+    if "architecture" not in config:
+        raise KeyError(f"{config_path} has neither 'ssl_vit' nor 'architecture'")
+    return _Found(state, config["architecture"], dict(config.get("kwargs", {})), "timm export (config.json)", True)
+
+
+def _read_dino_training(path: Path, obj: Mapping, role: Optional[str]) -> _Found:
+    role = "teacher" if role is None else role
+    if role not in ("teacher", "student"):
+        raise ValueError(f"{path} is a DINO training checkpoint: role must be 'teacher' or 'student', got {role!r}")
+    net = obj[role]
+    if any(k.startswith("module.") for k in net):  # DDP-wrapped student (and, elsewhere, teacher)
+        net = _strip(net, "module.")
+    state = _strip(net, "backbone.")
+    if not state:
+        raise KeyError(f"{path}: DINO {role} has no 'backbone.' keys (found e.g. {sorted(net)[:5]})")
+    arch = None
+    args = obj.get("args")
+    if args is not None and getattr(args, "arch", None) is not None:
+        if args.arch not in _DINO_ARCHS:
+            raise ValueError(f"{path}: DINO arch {args.arch!r} is not a ViT ssl_vit knows ({sorted(_DINO_ARCHS)})")
+        arch = f"vit_{_DINO_ARCHS[args.arch]}_patch{int(args.patch_size)}"
+    # trained with the reference interpolate_pos_encoding: evaluate other resolutions the same way
+    return _Found(state, arch, {"pos_embed_resample": "dino"}, f"DINO training checkpoint ({role})")
+
+
+def _read_state_dict(path: Path, state: Mapping[str, Any], wrapper: str) -> _Found:
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"{path} ({wrapper}) is not a state dict: non-tensor entries {bad[:10]}. {FORMATS}")
+    prefixes = sorted({k[: -len("patch_embed.proj.weight")] for k in state if k.endswith("patch_embed.proj.weight")})
+    if len(prefixes) != 1:
+        raise KeyError(
+            f"{path} ({wrapper}): expected one ViT (one '*patch_embed.proj.weight' key), found "
+            f"prefixes {prefixes}. {FORMATS}"
+        )
+    state = _strip(state, prefixes[0])
+    source = wrapper if not prefixes[0] else f"{wrapper}, prefix {prefixes[0]!r}"
+    if "mask_token" in state or any(k.startswith("decoder_") for k in state):
+        source = f"MAE pretraining checkpoint ({source})"
+        state = {k: v for k, v in state.items() if k != "mask_token" and not k.startswith("decoder_")}
+    if any(k.startswith("head.") for k in state):
+        source = f"classifier checkpoint ({source}), head dropped"
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    return _Found(state, None, {}, source)
+
+
+# -- architecture inference -------------------------------------------------------------------------
+def _grid_side(tokens: int, name: str) -> int:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"{name} has {tokens} patch positions, not a square grid: give img_size")
+    return side
+
+
+def _pos_embed_kwargs(state: Mapping[str, Tensor]) -> Dict[str, Any]:
+    """``img_size`` the file's position embedding was built for (square grids)."""
+    if "pos_embed" not in state:
+        return {}
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    prefix = ("cls_token" in state) + (state["reg_token"].shape[1] if "reg_token" in state else 0)
+    tokens = state["pos_embed"].shape[1]
+    if math.isqrt(tokens - prefix) ** 2 == tokens - prefix:
+        return {"img_size": math.isqrt(tokens - prefix) * patch}
+    return {"img_size": _grid_side(tokens, "pos_embed") * patch, "no_embed_class": True}
+
+
+def infer_arch(state: Mapping[str, Tensor], num_heads: Optional[int] = None) -> Tuple[str, Dict[str, Any]]:
+    """``create_backbone`` name and kwargs of a timm-layout ViT state dict, from tensor shapes.
+
+    Width, depth, patch size, channels, MLP ratio, qkv bias, class / register tokens, layer scale,
+    qk-norm and image size (from ``pos_embed``) are read off the tensors; heads come from the ViT
+    table by width (``num_heads`` is needed for other widths).
+    """
+    if "patch_embed.proj.weight" not in state:
+        raise KeyError(f"cannot infer a ViT from keys {sorted(state)[:10]}...: no patch_embed.proj.weight. {FORMATS}")
+    embed_dim, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+    depth = max(blocks) + 1 if blocks else 0
+    if num_heads is None:
+        if embed_dim not in HEADS_BY_WIDTH:
+            raise ValueError(
+                f"cannot infer the number of heads of a {embed_dim}-wide ViT (depth {depth}, patch {patch}): "
+                f"the ViT table knows widths {sorted(HEADS_BY_WIDTH)}; pass arch=... or num_heads=..."
+            )
+        num_heads = HEADS_BY_WIDTH[embed_dim]
+    size = next((s for s, dims in VIT_SIZES.items() if dims == (embed_dim, depth, num_heads)), None)
+    kwargs: Dict[str, Any] = {} if size else dict(embed_dim=int(embed_dim), depth=depth, num_heads=int(num_heads))
+    if in_chans != 3:
+        kwargs["in_chans"] = int(in_chans)
+    if depth:
+        kwargs["mlp_ratio"] = state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+        if "blocks.0.attn.qkv.bias" not in state:
+            kwargs["qkv_bias"] = False
+        if "blocks.0.ls1.gamma" in state:
+            kwargs["init_values"] = 1.0  # any value: the gammas are loaded
+        if "blocks.0.attn.q_norm.weight" in state:
+            kwargs["qk_norm"] = True
+    if "cls_token" not in state:
+        kwargs["class_token"] = False
+    if "reg_token" in state:
+        kwargs["reg_tokens"] = int(state["reg_token"].shape[1])
+    if "norm_pre.weight" in state:
+        kwargs["pre_norm"] = True
+    if "pos_embed" not in state:
+        kwargs["pos_embed"] = "none"
+    kwargs.update(_pos_embed_kwargs(state))
+    return f"vit_{size or _nearest_size(embed_dim)}_patch{patch}", kwargs
+
+
+def _nearest_size(width: int) -> str:
+    return min(VIT_SIZES, key=lambda s: abs(VIT_SIZES[s][0] - width))
+
+
+# -- state adaptation -------------------------------------------------------------------------------
+def _adapt_pooling(state: Dict[str, Tensor], model: VisionTransformer) -> Dict[str, Tensor]:
+    """Token-pooled weights into an average-pooled model (MAE finetuning): the final ``norm`` is
+    dropped and ``fc_norm`` keeps its fresh init, as facebookresearch/mae's finetuning does. The
+    only difference allowed is exactly ``norm.*`` in the file vs ``fc_norm.*`` in the model."""
+    expected = model.state_dict()
+    file_norm = sorted(k for k in state if k.startswith("norm."))
+    if file_norm and not any(k.startswith("norm.") for k in expected) and not any(k.startswith("fc_norm.") for k in state):
+        fc = {k for k in expected if k.startswith("fc_norm.")}
+        if fc and {k.replace("norm.", "fc_norm.", 1) for k in file_norm} == fc:
+            state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+            state.update({k: v.clone() for k, v in expected.items() if k in fc})
+    return state
+
+
+def _resample_pos_embed(state: Dict[str, Tensor], model: VisionTransformer) -> Dict[str, Tensor]:
+    """Resample the file's position embedding to the model's grid, in the model's convention (for
+    ``"dino"`` this equals the reference's run-time interpolation from the file's grid)."""
+    if "pos_embed" not in state or model.pos_embed is None or state["pos_embed"].shape == model.pos_embed.shape:
+        return state
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    tokens = state["pos_embed"].shape[1] - prefix
+    side = _grid_side(tokens, "the file's pos_embed")
+    if state["pos_embed"].shape[-1] != model.pos_embed.shape[-1]:
+        return state  # a width mismatch: check_shapes reports it
+    state = dict(state)
+    state["pos_embed"] = resample_pos_embed(
+        state["pos_embed"], model.patch_embed.grid_size, (side, side), prefix, pos_embed_resample(model)
+    )
+    return state
+
+
+def _recorded_kwargs(kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """The kwargs to record in checkpoint metadata: architecture only (drop path is training-time)."""
+    return {k: v for k, v in kwargs.items() if k != "drop_path_rate"}
+
+
+
+# -- building a backbone from a file or from scratch -----------------------------------------------
+def build_frozen_backbone(
+    weights: Optional[str], arch: Optional[str], role: Optional[str], backbone_kwargs: Optional[Dict[str, Any]]
+) -> Tuple[VisionTransformer, str, Dict[str, Any]]:
+    """A backbone in eval mode with gradients off, from ``weights`` (any format) or random (``arch``)."""
+    model, arch, kwargs = build_backbone(weights, arch, role, backbone_kwargs)
+    model.eval().requires_grad_(False)
+    return model, arch, kwargs
+
+
+def build_backbone(
+    weights: Optional[str], arch: Optional[str], role: Optional[str], backbone_kwargs: Optional[Dict[str, Any]]
+) -> Tuple[VisionTransformer, str, Dict[str, Any]]:
+    """``(model, arch, kwargs)`` from ``weights`` via ``read_backbone``, or ``create_backbone(arch)``."""
+    kwargs = dict(backbone_kwargs or {})
+    if weights is not None:
+        loaded = read_backbone(weights, arch, role, **kwargs)
+        return loaded.model, loaded.arch, loaded.kwargs
+    if arch is None:
+        raise ValueError("give `weights` (a backbone file) or `arch` (for a randomly initialised backbone)")
+    if role is not None:
+        raise ValueError(f"role={role!r} needs `weights`")
+    return create_backbone(arch, **kwargs), arch, {k: v for k, v in kwargs.items() if k != "drop_path_rate"}
+
+
+__all__: List[str] = ["load_backbone", "read_backbone", "infer_arch", "LoadedBackbone", "FORMATS"]

@@ -1,0 +1,141 @@
+"""Start-up checks: what can be known to be wrong about a run before any compute.
+
+:func:`check_run` runs in the ``StartupChecks`` callback's ``setup`` (``ssl-vit`` always adds it), after
+the datamodule's own ``setup`` and before Lightning moves the model, builds the optimiser or iterates
+a loader. It checks that every image the stage's transforms produce can be cut into the model's
+patches: a transform reports the ``(H, W)`` of its outputs through an ``output_sizes()`` method
+(``PretrainTransform``, ``EvalTransform``, ``MultiCropTransform``); a transform without one is not
+checked.
+
+:func:`check_resume_config` is for the CLI: LightningCLI replaces the recipe's model configuration
+by the hyperparameters stored in a ``--ckpt_path`` checkpoint, so a checkpoint of another method or
+architecture would silently replace the recipe's model. It names every difference instead.
+"""
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import pytorch_lightning as pl
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+Size = Tuple[int, int]
+
+
+def view_sizes(transform: Optional[Callable]) -> Optional[List[Size]]:
+    """``(H, W)`` of each image ``transform`` returns, or ``None`` when it does not say."""
+    report = getattr(transform, "output_sizes", None)
+    if not callable(report):
+        return None
+    return [(int(h), int(w)) for h, w in report()]
+
+
+def model_patch_sizes(module: nn.Module) -> List[Size]:
+    """The distinct ``(ph, pw)`` patch sizes of the timm ViTs inside ``module``."""
+    sizes = {tuple(m.patch_embed.patch_size) for m in module.modules() if isinstance(m, VisionTransformer)}
+    return sorted((int(h), int(w)) for h, w in sizes)
+
+
+def _multiples(side: int, patch: int) -> str:
+    below = side // patch * patch
+    return f"{below} or {below + patch}" if below else f"{patch}"
+
+
+def check_patch_multiples(transforms: Mapping[str, Optional[Callable]], patch_sizes: Sequence[Size]) -> None:
+    """Raise ``ValueError`` naming every transform output whose sides are not multiples of a patch size.
+
+    Args:
+        transforms: name (as the recipe spells it, e.g. ``"data.train_transform"``) -> transform.
+        patch_sizes: ``(ph, pw)`` of the model's patch embeddings.
+    """
+    problems = []
+    for name, transform in transforms.items():
+        sizes = view_sizes(transform)
+        for index, (h, w) in enumerate(sizes or []):
+            for ph, pw in patch_sizes:
+                if h % ph or w % pw:
+                    view = f" view {index}" if len(sizes) > 1 else ""
+                    problems.append(
+                        f"{name} ({type(transform).__name__}){view} makes {h}x{w} images, not a multiple of the "
+                        f"model's {ph}x{pw} patches (use e.g. {_multiples(h, ph)})"
+                    )
+    if problems:
+        raise ValueError("image sizes must be multiples of the patch size:\n  " + "\n  ".join(dict.fromkeys(problems)))
+
+
+def stage_transforms(datamodule: Any, stage: str) -> Dict[str, Optional[Callable]]:
+    """The transforms a stage will run: the train transform when fitting, the validation transform
+    when there is validation data. A datamodule wrapping another one (``CachedFeatures.data``) is
+    looked through."""
+    inner = getattr(datamodule, "data", None)
+    prefix = "data"
+    if isinstance(inner, pl.LightningDataModule):
+        datamodule, prefix = inner, "data.data"
+    found: Dict[str, Optional[Callable]] = {}
+    if stage == "fit":
+        found[f"{prefix}.train_transform"] = getattr(datamodule, "train_transform", None)
+    if stage in ("fit", "validate") and getattr(datamodule, "val", None) is not None:
+        found[f"{prefix}.val_transform"] = getattr(datamodule, "val_transform", None)
+    return found
+
+
+def check_run(module: pl.LightningModule, stage: str, trainer: Optional["pl.Trainer"] = None) -> None:
+    """Every start-up check of ``module`` about to run ``stage`` (``"fit"``, ``"validate"``...) on
+    its trainer's datamodule (nothing is checked without one): training data that holds no
+    sample, image sizes that are not multiples of the patch size."""
+    trainer = trainer if trainer is not None else module._trainer
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if datamodule is None:
+        return
+    if stage == "fit" and getattr(datamodule, "num_train_samples", None) == 0:
+        raise ValueError(f"the training data {getattr(datamodule, 'train', '')!r} holds no samples")
+    patch_sizes = model_patch_sizes(module)
+    if patch_sizes:
+        check_patch_multiples(stage_transforms(datamodule, stage), patch_sizes)
+
+
+class StartupChecks(pl.Callback):
+    """Run :func:`check_run` when a stage starts (the ``setup`` hook): what can be known to be wrong
+    fails there, naming the option, before any compute."""
+
+    def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
+        check_run(pl_module, stage, trainer)
+
+
+# -- resuming through the CLI -----------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    """A jsonargparse ``Namespace`` (or anything else) as plain dicts / lists for comparison."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def model_config_differences(recipe: Any, resumed: Any) -> List[str]:
+    """Lines naming where the checkpoint's model configuration differs from the recipe's.
+
+    Args:
+        recipe: the ``model`` configuration as the recipe and command line give it
+            (``{"class_path", "init_args"}``).
+        resumed: the same after LightningCLI merged the checkpoint's hyperparameters into it.
+    """
+    recipe, resumed = _plain(recipe) or {}, _plain(resumed) or {}
+    if recipe.get("class_path") != resumed.get("class_path"):
+        return [f"method: the recipe trains {recipe.get('class_path')}, the checkpoint holds {resumed.get('class_path')}"]
+    before, after = recipe.get("init_args") or {}, resumed.get("init_args") or {}
+    return [
+        f"{key}: recipe {before.get(key)!r}, checkpoint {after.get(key)!r}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]
+
+
+def check_resume_config(recipe: Any, resumed: Any, ckpt_path: str) -> None:
+    """Raise ``ValueError`` when resuming from ``ckpt_path`` would change the recipe's model."""
+    differences = model_config_differences(recipe, resumed)
+    if differences:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} was written by another model than the recipe's; Lightning would "
+            "resume with the checkpoint's and ignore the recipe's:\n  " + "\n  ".join(differences)
+        )

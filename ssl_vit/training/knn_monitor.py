@@ -1,0 +1,122 @@
+"""k-NN accuracy of the backbone being pretrained, every few epochs (a monitor: it changes nothing).
+
+    callbacks:
+      - class_path: ssl_vit.training.knn_monitor.KNNMonitor
+        init_args:
+          data:                       # a labelled datamodule; its train split is the bank,
+            class_path: ssl_vit.data.ImageFolderDataModule   # its val split the queries
+            init_args: {train: data/cifar10/train, val: data/cifar10/test, ...}
+          every_n_epochs: 10
+
+Give the labelled datamodule the evaluation transform on both splits. The backbone is found on the
+LightningModule: ``backbone="auto"`` takes the one the stage declares for evaluation (DINO's teacher,
+MAE's encoder, a probe's backbone); a dotted attribute path or a function of the module
+picks another. Logs ``knn/top1`` and ``knn/top5`` (fractions, at the end of a training epoch).
+"""
+from typing import Any, Callable, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from ssl_vit.checkpoints.format import find_backbone
+from ssl_vit.eval.distributed import gather_rows, split_for_rank
+from ssl_vit.eval.features import Feature, check_feature, extract_features, vit_features
+from ssl_vit.eval.knn import knn_classify
+
+
+def monitored_vit(pl_module: pl.LightningModule, backbone: Union[str, Callable[[pl.LightningModule], Any]]) -> VisionTransformer:
+    """The ViT the monitor reads (``ssl_vit.checkpoints.format.find_backbone``), checked to be a timm ViT."""
+    model = find_backbone(pl_module, backbone)
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"k-NN monitor expected a timm VisionTransformer, got {type(model).__name__}")
+    return model
+
+
+class KNNMonitor(pl.Callback):
+    """Weighted k-NN top-1 / top-5 of the model's backbone on a labelled held-out set.
+
+    Args:
+        data: a labelled datamodule: the bank is its ``train_dataloader()``, the queries its
+            ``val_dataloader()``. Or give ``train_loader`` and ``val_loader`` instead.
+        train_loader: bank ``(images, labels)`` dataloader (with ``val_loader``, instead of ``data``).
+        val_loader: query dataloader.
+        every_n_epochs: run after every that many training epochs.
+        k: neighbours.
+        temperature: vote temperature.
+        backbone: ``"auto"``, a dotted attribute path (``"teacher.backbone"``, ``"encoder.vit"``) or
+            a function ``pl_module -> VisionTransformer``.
+        feature: ``"cls"``, ``"avg"``, ``"cls_avg"`` or ``"gap"`` (``ssl_vit.eval.features.vit_features``).
+        bank_on_cpu: keep the bank in host memory (moved to the accelerator in chunks).
+        chunk_size: queries per similarity chunk.
+    """
+
+    def __init__(
+        self,
+        data: Optional[pl.LightningDataModule] = None,
+        train_loader: Optional[Any] = None,
+        val_loader: Optional[Any] = None,
+        every_n_epochs: int = 1,
+        k: int = 20,
+        temperature: float = 0.07,
+        backbone: Union[str, Callable[[pl.LightningModule], Any]] = "auto",
+        feature: Feature = "cls",
+        bank_on_cpu: bool = False,
+        chunk_size: int = 4096,
+    ) -> None:
+        super().__init__()
+        loaders = (train_loader is not None, val_loader is not None)
+        if (data is not None and any(loaders)) or (data is None and not all(loaders)):
+            raise ValueError("KNNMonitor needs either `data` (a labelled datamodule) or both `train_loader` and `val_loader`")
+        if every_n_epochs < 1 or k < 1 or temperature <= 0:
+            raise ValueError(f"KNNMonitor needs every_n_epochs >= 1, k >= 1, temperature > 0 (got {every_n_epochs}, {k}, {temperature})")
+        self.data, self.train_loader, self.val_loader = data, train_loader, val_loader
+        self.every_n_epochs, self.k, self.temperature = every_n_epochs, k, temperature
+        self.backbone, self.feature, self.bank_on_cpu, self.chunk_size = backbone, feature, bank_on_cpu, chunk_size
+        self.last: Optional[dict] = None  # the latest {"knn/top1": ..., "knn/top5": ...}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.data is not None:
+            self.data.trainer = trainer
+            self.data.prepare_data()
+            self.data.setup("fit")
+        check_feature(monitored_vit(pl_module, self.backbone), self.feature, 1)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.last = self.evaluate(trainer, pl_module)
+            pl_module.log_dict(self.last, on_epoch=True, batch_size=1)
+
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        """Embed the bank and the queries with the current backbone and return k-NN top-1 / top-5 (fractions)."""
+        model = monitored_vit(pl_module, self.backbone)
+        train_loader = self.train_loader if self.data is None else self.data.train_dataloader()
+        val_loader = self.val_loader if self.data is None else self.data.val_dataloader()
+        rank, world = trainer.global_rank, trainer.world_size
+        device = pl_module.device
+
+        def features(images: Tensor) -> Tensor:
+            return vit_features(model, images, self.feature)
+
+        was_training = model.training
+        model.eval()
+        try:
+            bank_device = torch.device("cpu") if self.bank_on_cpu else device
+            bank, bank_labels = extract_features(features, split_for_rank(train_loader, rank, world), device, bank_device)
+            queries, labels = extract_features(features, split_for_rank(val_loader, rank, world), device, device)
+        finally:
+            model.train(was_training)
+        bank = gather_rows(bank, pl_module.all_gather, world, device)
+        bank_labels = gather_rows(bank_labels, pl_module.all_gather, world, device)
+        num_classes = int(bank_labels.max()) + 1
+        if self.data is not None and getattr(self.data, "num_classes", None):
+            num_classes = int(self.data.num_classes)
+        scores = knn_classify(bank, bank_labels, queries, num_classes, self.k, self.temperature, self.chunk_size)
+        top5 = scores.topk(min(5, num_classes), dim=1).indices
+        correct = torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum()]).float()
+        total = torch.tensor(float(len(labels)), device=device)
+        correct = trainer.strategy.reduce(correct, reduce_op="sum")
+        total = trainer.strategy.reduce(total, reduce_op="sum")
+        return {"knn/top1": float(correct[0] / total), "knn/top5": float(correct[1] / total)}

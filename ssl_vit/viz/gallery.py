@@ -1,0 +1,326 @@
+"""Attention galleries on disk: images in, heat maps, masks, overlays and an ``index.html`` out.
+
+Inputs are image files, folders (searched recursively) and webdataset shards (``*.tar`` files,
+glob or brace patterns such as ``shards/train-{000000..000009}.tar``; each sample's first
+jpg/jpeg/png/webp member is decoded by ``ssl_vit.data.decode.open_image``, which allows only the
+JPEG/PNG/WEBP decoders; other members are ignored; a shard's images are held in memory).
+Each image is resized so that its *shorter* side is ``image_size`` (keeping the aspect ratio, EXIF
+orientation applied), then center-cropped so both sides are multiples of the patch size, and
+normalised with the ImageNet mean/std. Images of the same cropped size are batched together.
+
+For each image ``<output>/<name>/`` holds ``image.png`` (the crop the model saw), ``attention.npy``
+(``[heads, h, w]`` float32, the CLS token's attention over the patch grid) and, for each column
+(``head_00`` ... , ``mean`` = head mean, ``rollout`` if asked), ``heat_<col>.png`` (min-max
+normalised, viridis-like colours, nearest upsampling to the image size), ``mask_<col>.png`` (the
+patches keeping ``threshold`` of the attention mass) and ``overlay_<col>.png``. ``index.html``
+shows one row per image and one column per head, with relative links only (no server, no network).
+"""
+import html
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+from urllib.parse import quote
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ssl_vit.models.backbone import patch_size
+from ssl_vit.viz.attention import attention_maps, best_head, jaccard_index, mass_threshold_masks
+from ssl_vit.viz.images import (
+    ImageSource,
+    PathLike,
+    collect_images,
+    crop_size,
+    load_mask,
+    normalise,
+    oriented_size,
+    prepare_image,
+)
+
+WRITER_THREADS = min(8, os.cpu_count() or 1)
+# Anchor colours of matplotlib's viridis at 0, 1/8, ..., 1 (interpolated linearly to 256 entries).
+_VIRIDIS = np.array(
+    [[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 145, 140],
+     [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37]], dtype=np.float64,
+)
+COLORMAP = np.stack(
+    [np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_VIRIDIS)), _VIRIDIS[:, c]) for c in range(3)], axis=1
+).round().astype(np.uint8)  # [256, 3]
+
+
+@dataclass
+class GalleryEntry:
+    """One row of ``index.html``: the image's folder name, its columns and optional scores."""
+
+    name: str
+    columns: List[str]
+    scores: Dict[str, float] = field(default_factory=dict)
+
+
+def heatmap(values: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """``[h, w]`` map -> uint8 RGB ``[H, W, 3]``: min-max normalised, coloured, nearest upsampling."""
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    index = np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(COLORMAP[index]).resize(size[::-1], Image.NEAREST))
+
+
+def upsample_mask(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """bool ``[h, w]`` -> bool ``[H, W]`` by nearest neighbour."""
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size[::-1], Image.NEAREST)) > 0
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color: Tuple[int, int, int] = (255, 60, 60)) -> np.ndarray:
+    """Tint the masked pixels of ``image`` ``[H, W, 3]`` and darken the rest."""
+    out = image.astype(np.float32) * 0.35
+    tint = image.astype(np.float32) * 0.6 + np.asarray(color, dtype=np.float32) * 0.4
+    out[mask] = tint[mask]
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def render_columns(
+    image: np.ndarray, maps: Dict[str, np.ndarray], masks: Dict[str, np.ndarray]
+) -> Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """column -> (heat map, mask, overlay), each uint8 at the image's size ``[H, W(, 3)]``."""
+    size = image.shape[:2]
+    out = {}
+    for col, values in maps.items():
+        mask = upsample_mask(masks[col], size)
+        out[col] = (heatmap(values, size), mask.astype(np.uint8) * 255, overlay(image, mask))
+    return out
+
+
+def write_image_result(
+    directory: Path, image: np.ndarray, attention: np.ndarray, maps: Dict[str, np.ndarray], masks: Dict[str, np.ndarray]
+) -> None:
+    """Write one image's folder (see the module docstring).
+
+    Args:
+        directory: ``<output>/<name>``.
+        image: uint8 ``[H, W, 3]``, the crop the model saw.
+        attention: ``[heads, h, w]``, saved as ``attention.npy`` (float32).
+        maps: column -> ``[h, w]`` map (``head_00``..., ``mean``, optionally ``rollout``).
+        masks: column -> bool ``[h, w]`` thresholded map.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(directory / "image.png")
+    np.save(directory / "attention.npy", attention.astype(np.float32))
+    if "rollout" in maps:
+        np.save(directory / "rollout.npy", maps["rollout"].astype(np.float32))
+    for col, (heat, mask, over) in render_columns(image, maps, masks).items():
+        Image.fromarray(heat).save(directory / f"heat_{col}.png")
+        Image.fromarray(mask).save(directory / f"mask_{col}.png")
+        Image.fromarray(over).save(directory / f"overlay_{col}.png")
+
+
+def _link(name: str, file: str) -> str:
+    return quote(f"{name}/{file}")
+
+
+def write_index(output: Path, entries: Sequence[GalleryEntry], title: str, note: str = "") -> Path:
+    """``<output>/index.html``: one row per image, one column per head (+ mean, rollout)."""
+    columns = entries[0].columns if entries else []
+    head = "".join(f"<th>{html.escape(col)}</th>" for col in ["image", *columns])
+    rows = []
+    for entry in entries:
+        cells = [
+            f'<td><a href="{_link(entry.name, "image.png")}"><img src="{_link(entry.name, "image.png")}" alt=""></a>'
+            f'<br>{html.escape(entry.name)}<br><a href="{_link(entry.name, "attention.npy")}">attention.npy</a></td>'
+        ]
+        for col in entry.columns:
+            score = f"<br>J = {entry.scores[col]:.3f}" if col in entry.scores else ""
+            heat, over, mask = (_link(entry.name, f"{kind}_{col}.png") for kind in ("heat", "overlay", "mask"))
+            cells.append(
+                f'<td><a href="{heat}"><img src="{heat}" alt=""></a><a href="{over}"><img src="{over}" alt=""></a>'
+                f'<br><a href="{mask}">mask</a>{score}</td>'
+            )
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    page = (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title><style>"
+        "body{font-family:sans-serif;font-size:12px}td,th{padding:4px;text-align:center;vertical-align:top}"
+        "img{width:160px;display:block;margin:auto;image-rendering:pixelated}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(note)}</p><table><tr>{head}</tr>\n"
+        + "\n".join(rows) + "\n</table></body></html>\n"
+    )
+    path = Path(output) / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def write_json(path: Path, payload: object) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def column_maps(attention: torch.Tensor, rollout: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """One image's columns: ``head_00``... ``[h, w]`` from ``[heads, h, w]``, their ``mean``, ``rollout``."""
+    maps = {f"head_{i:02d}": attention[i] for i in range(attention.shape[0])}
+    maps["mean"] = attention.mean(dim=0)
+    if rollout is not None:
+        maps["rollout"] = rollout
+    return maps
+
+
+def export_batch(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    names: Sequence[str],
+    output: Path,
+    threshold: float = 0.6,
+    layer: int = -1,
+    rollout: bool = False,
+) -> List[Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]]:
+    """Compute and write the attention folders of one batch of same-size images.
+
+    Args:
+        model: the timm ViT (on its device); it is run on ``images`` moved to its device and dtype.
+        images: uint8 ``[B, 3, H, W]`` from ``prepare_image``.
+        names: the folder name of each image under ``output``.
+
+    Returns:
+        per image, ``(maps, masks)``: column -> ``[h, w]`` float map and bool mask.
+    """
+    param = next(model.parameters())
+    batch = normalise(images).to(device=param.device, dtype=param.dtype)
+    attention, roll = attention_maps(model, batch, layer=layer, rollout=rollout)  # [B, heads, h, w], [B, h, w]
+    attention = attention.float().cpu()
+    results, jobs = [], []
+    for b, name in enumerate(names):
+        maps = column_maps(attention[b], None if roll is None else roll[b].float().cpu())
+        masks = mass_threshold_masks(torch.stack(list(maps.values())), threshold)  # [columns, h, w]
+        maps_np = {col: value.numpy() for col, value in maps.items()}
+        masks_np = {col: masks[i].numpy() for i, col in enumerate(maps)}
+        image = np.ascontiguousarray(images[b].permute(1, 2, 0).numpy())  # [H, W, 3]
+        jobs.append((output / name, image, attention[b].numpy(), maps_np, masks_np))
+        results.append((maps_np, masks_np))
+    # PNG encoding dominates the export and releases the GIL: write the images' folders in threads
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), WRITER_THREADS))) as pool:
+        for future in [pool.submit(write_image_result, *job) for job in jobs]:
+            future.result()  # re-raise any write error
+    return results
+
+
+@dataclass
+class ExportResult:
+    """What ``export_attention`` did: folder names written, inputs skipped, Jaccard report."""
+
+    output: Path
+    exported: List[str]
+    skipped: List[Dict[str, str]]
+    jaccard: Optional[Dict] = None
+
+
+def _jaccard_report(scores: Dict[str, Dict[str, float]], missing: List[str], threshold: float, layer: int) -> Dict:
+    columns = list(next(iter(scores.values()))) if scores else []
+    mean = {col: float(np.mean([s[col] for s in scores.values()])) for col in columns if col != "best_head"}
+    return {
+        "threshold": threshold,
+        "layer": layer,
+        "images": len(scores),
+        "mean": mean,  # per column (head_XX, mean, rollout, best) over images
+        "per_image": scores,
+        "missing_masks": missing,
+    }
+
+
+def export_attention(
+    model: torch.nn.Module,
+    images: Sequence[PathLike],
+    output: PathLike,
+    image_size: int = 224,
+    threshold: float = 0.6,
+    layer: int = -1,
+    batch_size: int = 16,
+    rollout: bool = False,
+    masks: Optional[PathLike] = None,
+    progress: bool = True,
+) -> ExportResult:
+    """Export the attention gallery of ``images`` (files, folders, shard patterns) to ``output``.
+
+    Unreadable images and non-image files are skipped and listed in ``skipped.json``; when no image
+    can be read a ``ValueError`` is raised. With ``masks`` (a folder of binary PNGs named like the
+    images' stems), the Jaccard index of each column's mask with the foreground is written to
+    ``jaccard.json`` (``best`` is the best head per image; images without a mask are listed).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    patch = patch_size(model)
+    if image_size < patch:
+        raise ValueError(f"image_size {image_size} is smaller than the patch size {patch}")
+    masks_dir = None if masks is None else Path(masks)
+    if masks_dir is not None and not masks_dir.is_dir():
+        raise FileNotFoundError(f"--masks: {masks_dir} is not a folder")
+    output = Path(output)
+    sources, skipped = collect_images(images)
+
+    groups: Dict[Tuple[int, int], List[Tuple[int, ImageSource, Tuple[int, int]]]] = {}
+    for order, source in enumerate(sources):
+        try:
+            with source.open() as image:
+                size = oriented_size(image)
+        except Exception as err:  # PIL raises many types for unreadable files
+            skipped.append({"path": source.origin, "reason": f"unreadable image: {err}"})
+            continue
+        groups.setdefault(crop_size(*size, image_size, patch), []).append((order, source, size))
+    planned = sum(len(g) for g in groups.values())
+    if planned == 0:
+        raise ValueError(f"no readable images in {[str(i) for i in images]} ({len(skipped)} inputs skipped)")
+
+    output.mkdir(parents=True, exist_ok=True)
+    entries: Dict[int, GalleryEntry] = {}
+    scores: Dict[str, Dict[str, float]] = {}
+    missing: List[str] = []
+    bar = tqdm(total=planned, unit="img", disable=not progress, desc="attention")
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            loaded, targets = [], []
+            for order, source, size in members[start:start + batch_size]:
+                try:
+                    with source.open() as image:
+                        tensor = prepare_image(image, image_size, patch)
+                except Exception as err:
+                    skipped.append({"path": source.origin, "reason": f"unreadable image: {err}"})
+                    continue
+                target = None
+                if masks_dir is not None:
+                    mask_path = masks_dir / f"{source.stem}.png"
+                    if mask_path.is_file():
+                        target = load_mask(mask_path, size, image_size, patch)
+                    else:
+                        missing.append(source.name)
+                loaded.append((order, source, tensor))
+                targets.append(target)
+            bar.update(len(members[start:start + batch_size]))
+            if not loaded:
+                continue
+            names = [source.name for _, source, _ in loaded]
+            results = export_batch(model, torch.stack([t for _, _, t in loaded]), names, output, threshold, layer, rollout)
+            for (order, source, _), (maps, masks_np), target in zip(loaded, results, targets):
+                entry = GalleryEntry(source.name, list(maps))
+                if target is not None:
+                    values = jaccard_index(torch.from_numpy(np.stack(list(masks_np.values()))), target)
+                    entry.scores = {col: float(values[i]) for i, col in enumerate(maps)}
+                    heads = torch.tensor([entry.scores[c] for c in maps if c.startswith("head_")], dtype=torch.float64)
+                    index, value = best_head(heads)
+                    scores[source.name] = {**entry.scores, "best": value, "best_head": index}
+                entries[order] = entry
+    bar.close()
+    if not entries:
+        raise ValueError(f"no readable images in {[str(i) for i in images]} ({len(skipped)} inputs skipped)")
+    ordered = [entries[k] for k in sorted(entries)]
+    write_json(output / "skipped.json", skipped)
+    report = None
+    if masks_dir is not None:
+        if not scores:
+            raise ValueError(f"--masks: no mask in {masks_dir} matches an image stem (expected <stem>.png)")
+        report = _jaccard_report(scores, missing, threshold, layer)
+        write_json(output / "jaccard.json", report)
+    note = f"layer {layer}, masks keep {threshold:.0%} of the attention mass"
+    write_index(output, ordered, "Self-attention maps", note)
+    return ExportResult(output, [e.name for e in ordered], skipped, report)
