@@ -72,6 +72,7 @@ def test_fit_saves_the_resolved_config_in_the_run_directory(folder, tmp_path):
     assert saved["trainer"]["default_root_dir"] == str(tmp_path)
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_cli():
     env = dict(os.environ, WANDB_MODE="offline")
     result = subprocess.run([sys.executable, "-m", "ssl_vit", "fit", "--help"], capture_output=True, text=True, env=env, cwd=ROOT)
@@ -99,6 +100,7 @@ def test_the_guard_and_the_start_up_checks_are_configurable_sections(capsys):
     assert "--nonfinite.policy" in out and "--nonfinite.max_skipped_steps" in out and "ssl_vit.training.StartupChecks" in out
 
 
+@pytest.mark.slow
 def test_the_apps_commands_share_the_entry_point():
     result = subprocess.run([sys.executable, "-m", "ssl_vit", "demo", "--help"], capture_output=True, text=True,
                             env=dict(os.environ, WANDB_MODE="offline"), cwd=ROOT)

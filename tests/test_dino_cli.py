@@ -16,6 +16,8 @@ from ssl_vit.data.gpu_augment import MultiCropGPUAugment
 from ssl_vit.methods.dino import DINO
 from ssl_vit.models.backbone import VIT_SIZES
 
+pytestmark = pytest.mark.slow  # trains through the CLI: `make test` only
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "recipes" / "smoke" / "dino.yaml")
 

@@ -14,6 +14,8 @@ from ssl_vit.data import write_shards
 from ssl_vit.methods.mae import MAE
 from ssl_vit.models.backbone import VIT_SIZES
 
+pytestmark = pytest.mark.slow  # trains through the CLI: `make test` only
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
