@@ -32,6 +32,11 @@ class SSLViTCLI(LightningCLI):
     hyperparameters, so a checkpoint of another method or architecture would otherwise silently
     replace the recipe's model."""
 
+    def init_parser(self, **kwargs: Any) -> Any:
+        """Every parser refuses abbreviations: ``--trainer.max_step`` is an error, not ``max_steps``."""
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(StartupChecks, "startup_checks")

@@ -106,3 +106,14 @@ def test_the_apps_commands_share_the_entry_point():
                             env=dict(os.environ, WANDB_MODE="offline"), cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "--output" in result.stdout
+
+
+def test_abbreviated_keys_are_refused(capsys):
+    """argparse would take ``--trainer.max_step`` for ``--trainer.max_steps`` silently."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", SMOKE, "--trainer.max_step", "3", "--print_config"])
+    assert exit_info.value.code != 0
+    assert "unrecognized arguments: --trainer.max_step 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", SMOKE, "--trainer.max_steps", "3", "--print_config"])
+    assert exit_info.value.code in (0, None) and "max_steps: 3" in capsys.readouterr().out
