@@ -12,6 +12,7 @@ name and kwargs under ``"ssl_vit"``. Every export is verified: the exported file
 through ``timm.create_model`` and must give the source backbone's outputs.
 """
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -136,6 +137,7 @@ def export_backbone(
     output_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    readable_by_all(output_dir / WEIGHTS_NAME)  # safetensors creates it 0600, unlike every other file
     config = {
         "architecture": name,
         "kwargs": timm_kwargs,
@@ -169,3 +171,10 @@ def verify_export(model: VisionTransformer, output_dir: PathLike, batch: int = 2
             f"export check failed: timm.create_model from {output_dir} does not reproduce the backbone "
             f"(max abs difference {diff}); the architecture kwargs in {CONFIG_NAME} are incomplete"
         )
+
+
+def readable_by_all(path: Path) -> None:
+    """Give ``path`` the permissions a plain ``open(path, "w")`` would (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -40,6 +40,8 @@ def test_export_model_object_round_trip(tmp_path, kwargs):
             p.add_(0.05 * torch.randn_like(p))
     out = export_backbone(source, tmp_path / "out")
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"}
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"]  # not safetensors' private 0600
     size = source.patch_embed.img_size[0]
     torch.testing.assert_close(outputs(timm_user_load(out), size), outputs(source, size))
     torch.testing.assert_close(outputs(load_backbone(out), size), outputs(source, size))
