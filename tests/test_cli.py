@@ -117,3 +117,12 @@ def test_abbreviated_keys_are_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", SMOKE, "--trainer.max_steps", "3", "--print_config"])
     assert exit_info.value.code in (0, None) and "max_steps: 3" in capsys.readouterr().out
+
+
+def test_top_level_help_lists_the_apps_commands(capsys):
+    from ssl_vit.apps.commands import main as ssl_vit_main
+
+    with pytest.raises(SystemExit):
+        ssl_vit_main(["--help"])
+    out = capsys.readouterr().out
+    assert "demo" in out and "fit" in out and "validate" in out

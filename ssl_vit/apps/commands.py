@@ -10,10 +10,14 @@ from ssl_vit.apps import demo
 from ssl_vit.cli import main as lightning_main
 
 COMMANDS = {"demo": demo.main}
+SUMMARIES = {"demo": "the end-to-end example on scikit-learn's digits (ssl-vit demo --help)"}
 
 
 def main(args: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("ssl-vit commands:\n" + "".join(f"  {name:<9} {SUMMARIES[name]}\n" for name in COMMANDS)
+              + "  fit, validate, test, predict: LightningCLI's, below\n")
     if argv and argv[0] in COMMANDS:
         COMMANDS[argv[0]](argv[1:])
         return
