@@ -126,3 +126,25 @@ def test_top_level_help_lists_the_apps_commands(capsys):
         ssl_vit_main(["--help"])
     out = capsys.readouterr().out
     assert "demo" in out and "fit" in out and "validate" in out
+
+
+def test_recipes_bf16_becomes_fp32_on_a_cpu_unless_insisted(folder, tmp_path, capsys):
+    """A recipe's bf16-mixed on a device without fast bf16 trains in fp32 and says so in one line;
+    --trainer.precision on the command line is obeyed as given."""
+    from ssl_vit.cli import has_fast_bf16, precision_for_device, run_lightning
+
+    assert not has_fast_bf16("cpu")
+    assert precision_for_device("bf16-mixed", "cpu", explicit=False) == "32-true"
+    assert precision_for_device("bf16-mixed", "cpu", explicit=True) == "bf16-mixed"
+    assert precision_for_device("16-mixed", "cpu", explicit=False) == "16-mixed"
+    recipe = yaml.safe_load(Path(SMOKE).read_text())
+    recipe["trainer"]["precision"] = "bf16-mixed"
+    path = tmp_path / "bf16.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    args = ["fit", "--config", str(path), *_folder_data(folder), "--trainer.fast_dev_run", "1",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", "[]"]
+    cli = run_lightning(args)
+    assert cli.trainer.precision == "32-true"
+    assert "no fast bf16: training in fp32" in capsys.readouterr().err
+    cli = run_lightning(args + ["--trainer.precision", "bf16-mixed"])
+    assert cli.trainer.precision == "bf16-mixed"
