@@ -148,3 +148,19 @@ def test_recipes_bf16_becomes_fp32_on_a_cpu_unless_insisted(folder, tmp_path, ca
     assert "no fast bf16: training in fp32" in capsys.readouterr().err
     cli = run_lightning(args + ["--trainer.precision", "bf16-mixed"])
     assert cli.trainer.precision == "bf16-mixed"
+
+
+def test_a_user_error_is_one_message_not_a_traceback(tmp_path, capsys, monkeypatch):
+    from ssl_vit.apps.commands import main as ssl_vit_main
+
+    monkeypatch.delenv("SSL_VIT_TRACEBACK", raising=False)
+    args = ["fit", "--config", SMOKE, "--data.train", str(tmp_path / "missing-{000000..000001}.tar"),
+            "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        ssl_vit_main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert "ssl-vit: error: FileNotFoundError" in err and "missing" in err
+    monkeypatch.setenv("SSL_VIT_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        ssl_vit_main(args)
