@@ -1,0 +1,49 @@
+"""A progress bar that moves whatever the step time.
+
+Lightning's ``TQDMProgressBar`` redraws every ``refresh_rate`` batches, and each redraw reads the
+logged values (a host sync), so long-running recipes set ``refresh_rate: 50``. When a step takes
+seconds (a CPU, a large model) that bar sits at ``0/N`` for minutes, and a 20-step run never moves.
+``ProgressBar`` also redraws once ``refresh_seconds`` have passed since the last redraw: at most one
+extra sync every few seconds, none on fast steps.
+"""
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import TQDMProgressBar
+
+
+class ProgressBar(TQDMProgressBar):
+    """``TQDMProgressBar`` that also redraws the training bar every ``refresh_seconds``.
+
+    Args:
+        refresh_rate: batches between redraws (as ``TQDMProgressBar``).
+        refresh_seconds: the longest time the training bar goes without a redraw.
+        process_position: as ``TQDMProgressBar``.
+    """
+
+    def __init__(self, refresh_rate: int = 50, refresh_seconds: float = 2.0, process_position: int = 0) -> None:
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position)
+        if not refresh_seconds > 0:
+            raise ValueError(f"ProgressBar: refresh_seconds must be > 0, got {refresh_seconds}")
+        self.refresh_seconds = refresh_seconds
+        self._last_draw = time.monotonic()
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._last_draw = time.monotonic()
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        before = bar.n if bar is not None else None
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        now = time.monotonic()
+        if bar is None or not self.is_enabled:
+            return
+        if bar.n != before:  # the batch-count rule just redrew it
+            self._last_draw = now
+        elif now - self._last_draw >= self.refresh_seconds:
+            bar.n = batch_idx + 1
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws too
+            self._last_draw = now
