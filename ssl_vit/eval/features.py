@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
+from tqdm.auto import tqdm
 
 Feature = Literal["cls", "avg", "cls_avg", "gap"]
 FEATURES = ("cls", "avg", "cls_avg", "gap")
@@ -81,6 +82,7 @@ def extract_features(
     dataloader: Iterable,
     device: Optional[torch.device] = None,
     out_device: torch.device = torch.device("cpu"),
+    progress: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Run ``feature_fn`` over every ``(images, labels)`` batch of ``dataloader`` once.
 
@@ -89,12 +91,14 @@ def extract_features(
         dataloader: yields ``(images, labels)``.
         device: where the images go (``None``: left where they are).
         out_device: where the features are gathered (CPU by default: the bank may be large).
+        progress: a tqdm bar with this description (``None``: no bar).
 
     Returns:
         ``feats [N, F]`` (float32) and ``labels [N]`` (int64), on ``out_device``.
     """
     feats, labels = [], []
-    for batch in dataloader:
+    batches = tqdm(dataloader, desc=progress, unit="batch", leave=False) if progress else dataloader
+    for batch in batches:
         images, targets = batch[0], batch[1]
         if not isinstance(images, Tensor):
             raise TypeError(f"feature extraction needs image tensors [B, C, H, W], got {type(images).__name__} (multi-crop views?)")

@@ -87,7 +87,8 @@ class KNNEval(pl.LightningModule):
             raise ValueError("KNNEval needs a datamodule: the bank is its train split")
         loader = split_for_rank(trainer.datamodule.train_dataloader(), trainer.global_rank, trainer.world_size)
         out_device = torch.device("cpu") if self.bank_on_cpu else self.device
-        feats, labels = extract_features(self.features, loader, self.device, out_device=out_device)
+        bar = "k-NN bank (train split)" if trainer.is_global_zero and trainer.progress_bar_callback else None
+        feats, labels = extract_features(self.features, loader, self.device, out_device=out_device, progress=bar)
         feats = gather_rows(feats, self.all_gather, trainer.world_size, self.device)  # [N, F]
         labels = gather_rows(labels, self.all_gather, trainer.world_size, self.device)  # [N]
         self.bank = (feats, labels)

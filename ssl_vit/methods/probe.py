@@ -224,7 +224,8 @@ class CachedFeatures(pl.LightningDataModule):
             was_training = module.training
             module.eval()
             try:
-                feats, labels = extract_features(module.features, loader, module.device)
+                bar = f"cached features ({split})" if trainer.is_global_zero and trainer.progress_bar_callback else None
+                feats, labels = extract_features(module.features, loader, module.device, progress=bar)
             finally:
                 module.train(was_training)
             feats = gather_rows(feats, module.all_gather, trainer.world_size, module.device)

@@ -104,8 +104,11 @@ class KNNMonitor(pl.Callback):
         model.eval()
         try:
             bank_device = torch.device("cpu") if self.bank_on_cpu else device
-            bank, bank_labels = extract_features(features, split_for_rank(train_loader, rank, world), device, bank_device)
-            queries, labels = extract_features(features, split_for_rank(val_loader, rank, world), device, device)
+            bar = trainer.is_global_zero and trainer.progress_bar_callback is not None
+            bank, bank_labels = extract_features(features, split_for_rank(train_loader, rank, world), device, bank_device,
+                                                 progress="k-NN monitor: bank" if bar else None)
+            queries, labels = extract_features(features, split_for_rank(val_loader, rank, world), device, device,
+                                               progress="k-NN monitor: queries" if bar else None)
         finally:
             model.train(was_training)
         bank = gather_rows(bank, pl_module.all_gather, world, device)

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ssl_vit.checkpoints.format import find_backbone
 from ssl_vit.eval.distributed import gather_rows, split_for_rank
 from ssl_vit.eval.features import check_feature, extract_features, vit_features
 from ssl_vit.eval.knn import knn_classify
 from ssl_vit.methods.knn import KNNEval
 from ssl_vit.models.backbone import create_backbone
-from ssl_vit.checkpoints.format import find_backbone
 from ssl_vit.training.knn_monitor import KNNMonitor
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
@@ -211,3 +211,12 @@ def test_extract_features_refuses_multicrop_batches():
     loader = [([torch.zeros(2, 3, 8, 8)] * 2, torch.zeros(2))]
     with pytest.raises(TypeError, match="multi-crop"):
         extract_features(lambda x: x, loader)
+
+
+def test_feature_extraction_shows_a_bar_when_asked(capsys):
+    loader = [(torch.randn(2, 3), torch.tensor([0, 1])) for _ in range(3)]
+    feats, labels = extract_features(lambda x: x, loader, progress="k-NN bank")
+    assert feats.shape == (6, 3) and labels.tolist() == [0, 1] * 3
+    assert "k-NN bank" in capsys.readouterr().err
+    extract_features(lambda x: x, loader)
+    assert "k-NN bank" not in capsys.readouterr().err

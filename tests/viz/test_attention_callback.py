@@ -10,11 +10,11 @@ from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from torch import nn
 
-from ssl_vit.models.backbone import create_backbone
-from ssl_vit.viz.attention import attention_maps
 from ssl_vit.checkpoints.format import find_backbone
 from ssl_vit.methods.dino import DINO
 from ssl_vit.methods.mae import MAE
+from ssl_vit.models.backbone import create_backbone
+from ssl_vit.viz.attention import attention_maps
 from ssl_vit.viz.attention_logger import AttentionGalleryLogger
 from ssl_vit.viz.gallery import normalise, prepare_image
 
