@@ -14,7 +14,8 @@ from typing import List, Optional
 
 import torch
 
-import ssl_vit
+from ssl_vit.checkpoints.load import read_backbone
+from ssl_vit.models.backbone import create_backbone
 from ssl_vit.viz.gallery import export_attention
 
 
@@ -24,7 +25,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--arch", default=None, help="backbone name, for files without ssl_vit metadata")
     parser.add_argument("--images", nargs="+", required=True, help="image files, folders, shard patterns (*.tar)")
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--image-size", type=int, default=224, help="shorter side after resizing (default 224)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="shorter side after resizing (default: the model's own resolution)")
+    parser.add_argument("--baseline", choices=["random"], default=None,
+                        help="random: add the same architecture with random weights beside each row, on the same scale")
     parser.add_argument("--threshold", type=float, default=0.6, help="fraction of attention mass the masks keep")
     parser.add_argument("--layer", type=int, default=-1, help="block whose attention is shown (default: last)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -41,11 +45,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-        model = ssl_vit.load_backbone(args.weights, arch=args.arch).to(device)
+        loaded = read_backbone(args.weights, arch=args.arch)
+        model = loaded.model.to(device)
+        baseline = None
+        if args.baseline == "random":
+            torch.manual_seed(0)
+            baseline = create_backbone(loaded.arch, **loaded.kwargs).eval().to(device)
         result = export_attention(
             model, args.images, args.output, image_size=args.image_size, threshold=args.threshold,
             layer=args.layer, batch_size=args.batch_size, rollout=args.rollout, masks=args.masks,
-            progress=not args.no_progress,
+            progress=not args.no_progress, baseline=baseline,
         )
     except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
         raise SystemExit(f"export_attention: error: {err}") from err

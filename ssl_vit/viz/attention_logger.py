@@ -15,7 +15,8 @@ from pytorch_lightning.loggers import WandbLogger
 
 from ssl_vit.checkpoints.format import find_backbone
 from ssl_vit.models.backbone import patch_size
-from ssl_vit.viz.gallery import GalleryEntry, collect_images, export_batch, prepare_image, render_columns, write_index
+from ssl_vit.viz.gallery import GalleryEntry, export_batch, render_columns, shared_scale, write_index
+from ssl_vit.viz.images import collect_images, prepare_image
 
 
 def mosaic(image: np.ndarray, rendered: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -96,7 +97,7 @@ class AttentionGalleryLogger(pl.Callback):
             for i, name, (maps, masks) in zip(indices, names, results):
                 image = self._images[i][1].permute(1, 2, 0).numpy()
                 pictures[i] = (name, mosaic(image, render_columns(image, maps, masks)))
-                entries[i] = GalleryEntry(name, list(maps))
+                entries[i] = GalleryEntry(name, list(maps), scale=shared_scale(maps))
         write_index(output, [entries[i] for i in sorted(entries)], output.name,
                     f"layer {self.layer}, masks keep {self.threshold:.0%} of the attention mass")
         return [pictures[i] for i in sorted(pictures)]

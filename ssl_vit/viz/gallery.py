@@ -55,19 +55,39 @@ COLORMAP = np.stack(
 
 @dataclass
 class GalleryEntry:
-    """One row of ``index.html``: the image's folder name, its columns and optional scores."""
+    """One row of ``index.html``: the image's folder name, its columns, optional scores, and the
+    row's colour scale (``shared_scale``)."""
 
     name: str
     columns: List[str]
     scores: Dict[str, float] = field(default_factory=dict)
+    scale: Dict[str, float] = field(default_factory=dict)
 
 
-def heatmap(values: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """``[h, w]`` map -> uint8 RGB ``[H, W, 3]``: min-max normalised, coloured, nearest upsampling."""
-    low, high = float(values.min()), float(values.max())
-    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+def heatmap(values: np.ndarray, size: Tuple[int, int], vmax: Optional[float] = None) -> np.ndarray:
+    """``[h, w]`` map -> uint8 RGB ``[H, W, 3]``: coloured on the scale ``[0, vmax]`` (an attention map
+    is a distribution: 0 is no attention), nearest upsampling. ``vmax`` None: the map's own maximum."""
+    high = float(values.max()) if vmax is None else float(vmax)
+    scaled = values / high if high > 0 else np.zeros_like(values)
     index = np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
     return np.asarray(Image.fromarray(COLORMAP[index]).resize(size[::-1], Image.NEAREST))
+
+
+def shared_scale(maps: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """The colour scale of one image's row: every attention column (heads, mean, a baseline's mean)
+    on ``[0, max]`` of them all; rollout, a product of layers, on its own ``[0, max]``. With the
+    uniform level ``1 / tokens`` to read the maps against."""
+    attention = [v for c, v in maps.items() if "rollout" not in c]
+    rollout = [v for c, v in maps.items() if "rollout" in c]
+    first = next(iter(maps.values()))
+    scale = {"vmax": float(max(v.max() for v in attention)) if attention else 0.0, "uniform": 1.0 / first.size}
+    if rollout:
+        scale["rollout_vmax"] = float(max(v.max() for v in rollout))
+    return scale
+
+
+def column_vmax(column: str, scale: Dict[str, float]) -> float:
+    return scale["rollout_vmax"] if "rollout" in column else scale["vmax"]
 
 
 def upsample_mask(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
@@ -86,12 +106,13 @@ def overlay(image: np.ndarray, mask: np.ndarray, color: Tuple[int, int, int] = (
 def render_columns(
     image: np.ndarray, maps: Dict[str, np.ndarray], masks: Dict[str, np.ndarray]
 ) -> Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """column -> (heat map, mask, overlay), each uint8 at the image's size ``[H, W(, 3)]``."""
+    """column -> (heat map on the row's shared scale, mask, overlay), uint8 at the image's size."""
     size = image.shape[:2]
+    scale = shared_scale(maps)
     out = {}
     for col, values in maps.items():
         mask = upsample_mask(masks[col], size)
-        out[col] = (heatmap(values, size), mask.astype(np.uint8) * 255, overlay(image, mask))
+        out[col] = (heatmap(values, size, column_vmax(col, scale)), mask.astype(np.uint8) * 255, overlay(image, mask))
     return out
 
 
@@ -122,10 +143,33 @@ def _link(name: str, file: str) -> str:
     return quote(f"{name}/{file}")
 
 
+COLORBAR_NAME = "colorbar.png"
+
+
+def write_colorbar(output: Path) -> None:
+    """The colour scale, left (0) to right (the row's maximum), as ``colorbar.png``."""
+    Image.fromarray(np.repeat(COLORMAP[None], 12, axis=0)).save(Path(output) / COLORBAR_NAME)
+
+
+def _scale_cell(scale: Dict[str, float]) -> str:
+    """A row's colour bar, from 0 to its maximum, with the uniform level marked."""
+    if not scale or scale.get("vmax", 0) <= 0:
+        return "<td></td>"
+    vmax, uniform = scale["vmax"], scale["uniform"]
+    at = min(uniform / vmax, 1.0) * 100
+    text = f"0 &ndash; {vmax:.4f}<br>uniform {uniform:.4f}"
+    if "rollout_vmax" in scale:
+        text += f"<br>rollout: 0 &ndash; {scale['rollout_vmax']:.4f}"
+    return (f'<td class="scale"><div class="bar"><img src="{COLORBAR_NAME}" alt="colour scale">'
+            f'<span class="tick" style="left:{at:.1f}%"></span></div>{text}</td>')
+
+
 def write_index(output: Path, entries: Sequence[GalleryEntry], title: str, note: str = "") -> Path:
-    """``<output>/index.html``: one row per image, one column per head (+ mean, rollout)."""
+    """``<output>/index.html``: one row per image, one column per head (+ mean, rollout, baseline),
+    the row's colour scale, and a layout that fits the page width."""
     columns = entries[0].columns if entries else []
-    head = "".join(f"<th>{html.escape(col)}</th>" for col in ["image", *columns])
+    head = "".join(f"<th>{html.escape(col)}</th>" for col in ["image", *columns, "scale"])
+    write_colorbar(output)
     rows = []
     for entry in entries:
         cells = [
@@ -139,12 +183,19 @@ def write_index(output: Path, entries: Sequence[GalleryEntry], title: str, note:
                 f'<td><a href="{heat}"><img src="{heat}" alt=""></a><a href="{over}"><img src="{over}" alt=""></a>'
                 f'<br><a href="{mask}">mask</a>{score}</td>'
             )
+        cells.append(_scale_cell(entry.scale))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     page = (
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title><style>"
-        "body{font-family:sans-serif;font-size:12px}td,th{padding:4px;text-align:center;vertical-align:top}"
-        "img{width:160px;display:block;margin:auto;image-rendering:pixelated}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(note)}</p><table><tr>{head}</tr>\n"
+        "body{font-family:sans-serif;font-size:12px}table{table-layout:fixed;width:100%}"
+        "td,th{padding:2px;text-align:center;vertical-align:top;overflow-wrap:anywhere}"
+        "img{width:100%;max-width:160px;display:block;margin:auto;image-rendering:pixelated}"
+        ".bar{position:relative}.bar img{height:12px;max-width:none}"
+        ".tick{position:absolute;top:-3px;width:2px;height:18px;background:#d00}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(note)}</p><p>Every map of a row shares the colour scale "
+        "of its last column: 0 (dark) to the row's largest attention weight (yellow); the red tick marks "
+        "the uniform level (1 / patches), what attention spread evenly would show.</p>"
+        f"<table><tr>{head}</tr>\n"
         + "\n".join(rows) + "\n</table></body></html>\n"
     )
     path = Path(output) / "index.html"
@@ -165,6 +216,13 @@ def column_maps(attention: torch.Tensor, rollout: Optional[torch.Tensor] = None)
     return maps
 
 
+def _attention(model: torch.nn.Module, images: torch.Tensor, layer: int, rollout: bool):
+    param = next(model.parameters())
+    batch = normalise(images).to(device=param.device, dtype=param.dtype)
+    attention, roll = attention_maps(model, batch, layer=layer, rollout=rollout)  # [B, heads, h, w], [B, h, w]
+    return attention.float().cpu(), None if roll is None else roll.float().cpu()
+
+
 def export_batch(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -173,6 +231,7 @@ def export_batch(
     threshold: float = 0.6,
     layer: int = -1,
     rollout: bool = False,
+    baseline: Optional[torch.nn.Module] = None,
 ) -> List[Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]]:
     """Compute and write the attention folders of one batch of same-size images.
 
@@ -180,17 +239,21 @@ def export_batch(
         model: the timm ViT (on its device); it is run on ``images`` moved to its device and dtype.
         images: uint8 ``[B, 3, H, W]`` from ``prepare_image``.
         names: the folder name of each image under ``output``.
+        baseline: a second ViT (e.g. the same architecture with random weights) whose head-mean
+            (and rollout) are added as ``baseline_mean`` (``baseline_rollout``) columns, on the same scale.
 
     Returns:
         per image, ``(maps, masks)``: column -> ``[h, w]`` float map and bool mask.
     """
-    param = next(model.parameters())
-    batch = normalise(images).to(device=param.device, dtype=param.dtype)
-    attention, roll = attention_maps(model, batch, layer=layer, rollout=rollout)  # [B, heads, h, w], [B, h, w]
-    attention = attention.float().cpu()
+    attention, roll = _attention(model, images, layer, rollout)
+    base, base_roll = _attention(baseline, images, layer, rollout) if baseline is not None else (None, None)
     results, jobs = [], []
     for b, name in enumerate(names):
-        maps = column_maps(attention[b], None if roll is None else roll[b].float().cpu())
+        maps = column_maps(attention[b], None if roll is None else roll[b])
+        if base is not None:
+            maps["baseline_mean"] = base[b].mean(dim=0)
+            if base_roll is not None:
+                maps["baseline_rollout"] = base_roll[b]
         masks = mass_threshold_masks(torch.stack(list(maps.values())), threshold)  # [columns, h, w]
         maps_np = {col: value.numpy() for col, value in maps.items()}
         masks_np = {col: masks[i].numpy() for i, col in enumerate(maps)}
@@ -231,15 +294,20 @@ def export_attention(
     model: torch.nn.Module,
     images: Sequence[PathLike],
     output: PathLike,
-    image_size: int = 224,
+    image_size: Optional[int] = None,
     threshold: float = 0.6,
     layer: int = -1,
     batch_size: int = 16,
     rollout: bool = False,
     masks: Optional[PathLike] = None,
     progress: bool = True,
+    baseline: Optional[torch.nn.Module] = None,
 ) -> ExportResult:
     """Export the attention gallery of ``images`` (files, folders, shard patterns) to ``output``.
+
+    ``image_size`` (the shorter side after resizing) defaults to the model's own resolution: a map
+    of a 32-px model upsampled from 224-px input looks smooth and meaningful even from random
+    weights. ``baseline`` adds that model's maps (e.g. random weights) beside each row.
 
     Unreadable images and non-image files are skipped and listed in ``skipped.json``; when no image
     can be read a ``ValueError`` is raised. With ``masks`` (a folder of binary PNGs named like the
@@ -251,6 +319,8 @@ def export_attention(
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     patch = patch_size(model)
+    native = min(int(s) for s in model.patch_embed.img_size)
+    image_size = native if image_size is None else int(image_size)
     if image_size < patch:
         raise ValueError(f"image_size {image_size} is smaller than the patch size {patch}")
     masks_dir = None if masks is None else Path(masks)
@@ -300,9 +370,10 @@ def export_attention(
             if not loaded:
                 continue
             names = [source.name for _, source, _ in loaded]
-            results = export_batch(model, torch.stack([t for _, _, t in loaded]), names, output, threshold, layer, rollout)
+            results = export_batch(model, torch.stack([t for _, _, t in loaded]), names, output, threshold, layer,
+                                   rollout, baseline)
             for (order, source, _), (maps, masks_np), target in zip(loaded, results, targets):
-                entry = GalleryEntry(source.name, list(maps))
+                entry = GalleryEntry(source.name, list(maps), scale=shared_scale(maps))
                 if target is not None:
                     values = jaccard_index(torch.from_numpy(np.stack(list(masks_np.values()))), target)
                     entry.scores = {col: float(values[i]) for i, col in enumerate(maps)}
@@ -321,6 +392,10 @@ def export_attention(
             raise ValueError(f"--masks: no mask in {masks_dir} matches an image stem (expected <stem>.png)")
         report = _jaccard_report(scores, missing, threshold, layer)
         write_json(output / "jaccard.json", report)
-    note = f"layer {layer}, masks keep {threshold:.0%} of the attention mass"
+    resolution = (f"at the model's own resolution ({image_size} px)" if image_size == native else
+                  f"at {image_size} px (the model was built for {native} px)")
+    note = f"layer {layer}, {resolution}, masks keep {threshold:.0%} of the attention mass"
+    if baseline is not None:
+        note += "; baseline_* columns: the baseline model's maps (e.g. random weights) on the same scale"
     write_index(output, ordered, "Self-attention maps", note)
     return ExportResult(output, [e.name for e in ordered], skipped, report)

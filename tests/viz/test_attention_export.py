@@ -15,6 +15,7 @@ from PIL import Image
 from ssl_vit.checkpoints.format import CHECKPOINT_KEY, backbone_metadata
 from ssl_vit.models.backbone import create_backbone
 from ssl_vit.viz.attention import attention_maps, mass_threshold_masks
+from ssl_vit.viz import gallery
 from ssl_vit.viz.gallery import export_attention, normalise, prepare_image
 
 TINY = dict(img_size=32, embed_dim=32, depth=2, num_heads=2)
@@ -110,8 +111,40 @@ def test_export_writes_maps_masks_overlays_and_skips_bad_files(vit, folder, tmp_
     assert len(np.unique(heat.reshape(-1, 3), axis=0)) > 2  # a real heat map, not a flat picture
 
     parser = check_gallery(out)
-    assert parser.headers == ["image", "head_00", "head_01", "mean"]
+    assert parser.headers == ["image", "head_00", "head_01", "mean", "scale"]
     assert parser.rows == 4  # header + one row per image
+    page = (out / "index.html").read_text()
+    assert "colorbar.png" in page and "uniform 0.0500" in page  # a (4x5 patches): uniform = 1/20
+
+
+def test_maps_share_one_scale_from_zero_and_the_export_runs_at_the_models_resolution(vit, folder, tmp_path):
+    """Heat maps are not min-max stretched each on its own: a row shares [0, its largest weight], so a
+    near-uniform map looks flat. Without image_size the model's own resolution is used."""
+    out = tmp_path / "native"
+    export_attention(vit, [folder / "sub" / "b.jpg"], out, progress=False)
+    assert Image.open(out / "b" / "image.png").size == (32, 32)  # vit is a 32-px model
+    assert "own resolution (32 px)" in (out / "index.html").read_text()
+    uniform = np.full((4, 4), 1 / 16)
+    flat = gallery.heatmap(uniform, (4, 4), vmax=uniform.max())
+    assert len(np.unique(flat.reshape(-1, 3), axis=0)) == 1  # one colour: the maximum's
+    peaked = np.full((4, 4), 0.5 / 15)
+    peaked[0, 0] = 0.5
+    maps = {"mean": uniform, "head_00": peaked}
+    scale = gallery.shared_scale(maps)
+    assert scale == {"vmax": 0.5, "uniform": 1 / 16}
+    low = gallery.heatmap(uniform, (4, 4), gallery.column_vmax("mean", scale))
+    assert tuple(low[0, 0]) != tuple(gallery.COLORMAP[-1])  # 1/16 of the max is not drawn as the max
+
+
+def test_random_baseline_columns_sit_beside_the_trained_ones(vit, folder, tmp_path):
+    torch.manual_seed(1)
+    random = create_backbone("vit_tiny_patch8_32", **TINY).eval()
+    out = tmp_path / "baseline"
+    export_attention(vit, [folder / "sub" / "b.jpg"], out, progress=False, baseline=random)
+    parser = check_gallery(out)
+    assert parser.headers == ["image", "head_00", "head_01", "mean", "baseline_mean", "scale"]
+    assert (out / "b" / "heat_baseline_mean.png").is_file()
+    assert "baseline" in (out / "index.html").read_text()
 
 
 def test_shards_brace_and_glob_patterns(vit, tmp_path):
@@ -211,7 +244,12 @@ def test_tool_end_to_end(vit, folder, tmp_path, capsys):
         attention_maps(vit, normalise(prepare_image(Image.open(folder / "sub" / "b.jpg"), 32, 8)[None]))[0][0].numpy(),
         atol=1e-6,
     )
-    assert check_gallery(out).headers[-1] == "rollout"
+    assert check_gallery(out).headers[-2:] == ["rollout", "scale"]
+    base = ["--weights", str(checkpoint), "--images", str(folder), "--output", str(tmp_path / "base"), "--device", "cpu",
+            "--baseline", "random", "--no-progress"]  # no --image-size: the model's own
+    assert tool.main(base) == 0
+    assert check_gallery(tmp_path / "base").headers[-3:] == ["mean", "baseline_mean", "scale"]
+    assert "own resolution (32 px)" in (tmp_path / "base" / "index.html").read_text()
     with pytest.raises(SystemExit) as exit_info:
         tool.main(argv[:2] + ["--images", str(folder / "notes.txt"), "--output", str(tmp_path / "o"), "--no-progress"])
     assert exit_info.value.code != 0 and "no readable images" in str(exit_info.value.code)
