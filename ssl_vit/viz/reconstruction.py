@@ -5,13 +5,14 @@
 Used by the ``ReconstructionLogger`` callback during training and by ``tools/visualize_mae.py`` for
 any image files and any MAE checkpoint ``load_mae`` reads.
 """
+import math
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from ssl_vit.checkpoints.io import PathLike
 from ssl_vit.checkpoints.mae import load_mae
@@ -104,6 +105,30 @@ def grid_to_pil(grid: torch.Tensor) -> Image.Image:
     return Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
 
 
+COLUMNS = ("original", "masked", "reconstruction", "pasted")  # the panels of reconstruction_panels
+LABEL_HEIGHT = 14
+
+
+def labelled(grid: torch.Tensor, columns: Sequence[str] = COLUMNS, padding: int = 2) -> Image.Image:
+    """The grid with a header naming its columns; small images are enlarged (nearest neighbour, so
+    every pixel stays as it is) until each label fits above its column."""
+    image = grid_to_pil(grid).convert("RGB")
+    cell = (image.width - padding) / len(columns)
+    font = ImageFont.load_default()
+    widest = max(ImageDraw.Draw(image).textlength(c, font=font) for c in columns) + 4
+    scale = max(1, math.ceil(widest / cell))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        cell *= scale
+    out = Image.new("RGB", (image.width, image.height + LABEL_HEIGHT), "white")
+    out.paste(image, (0, LABEL_HEIGHT))
+    draw = ImageDraw.Draw(out)
+    for i, name in enumerate(columns):
+        x = padding * scale + i * cell + (cell - draw.textlength(name, font=font)) / 2
+        draw.text((x, 1), name, fill="black", font=font)
+    return out
+
+
 def image_files(paths: Sequence[PathLike]) -> List[Path]:
     """Image files named directly or found (recursively, sorted) in the folders named."""
     files: List[Path] = []
@@ -186,6 +211,6 @@ def visualize_mae(
         chunk = slice(start, start + per_page)
         grid = reconstruction_grid(module, batch[chunk], mask_ratio, noise=noise[chunk])
         path = output / f"reconstructions_{page:03d}.png"
-        save_image(grid, path)
+        labelled(grid).save(path)
         written.append(path)
     return written

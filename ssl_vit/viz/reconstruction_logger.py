@@ -7,9 +7,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision.utils import save_image
 
-from ssl_vit.viz.reconstruction import grid_to_pil, mask_noise, reconstruction_grid
+from ssl_vit.viz.reconstruction import labelled, mask_noise, reconstruction_grid
 
 
 class ReconstructionLogger(pl.Callback):
@@ -99,7 +98,8 @@ class ReconstructionLogger(pl.Callback):
         grid = reconstruction_grid(pl_module, images, mask_ratio, self.mean, self.std, noise)
         path = Path(run_dir) / "reconstructions" / f"epoch_{trainer.current_epoch:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
+        picture = labelled(grid)
+        picture.save(path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="reconstructions", images=[grid_to_pil(grid)], step=trainer.global_step)
+                logger.log_image(key="reconstructions", images=[picture], step=trainer.global_step)

@@ -14,8 +14,8 @@ from PIL import Image
 
 from ssl_vit.checkpoints.format import CHECKPOINT_KEY, backbone_metadata
 from ssl_vit.models.backbone import create_backbone
-from ssl_vit.viz.attention import attention_maps, mass_threshold_masks
 from ssl_vit.viz import gallery
+from ssl_vit.viz.attention import attention_maps, mass_threshold_masks
 from ssl_vit.viz.gallery import export_attention, normalise, prepare_image
 
 TINY = dict(img_size=32, embed_dim=32, depth=2, num_heads=2)

@@ -1,4 +1,5 @@
 """Reconstruction pictures and the callback that logs them."""
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
@@ -56,6 +57,11 @@ def test_callback_writes_a_png_per_epoch_from_fixed_validation_images(tmp_path):
     trainer.fit(MAE(**TINY, lr=1e-3), DataLoader(train, batch_size=4), DataLoader(val, batch_size=2))
     for epoch in (0, 1):
         with Image.open(tmp_path / "reconstructions" / f"epoch_{epoch:03d}.png") as image:
-            assert image.size == (4 * 18 + 2, 5 * 18 + 2)
+            # the grid (4 panels x 5 images of 16 px, padding 2) enlarged 4x (nearest) so that
+            # "reconstruction" fits above its column, under a 14-px header of column names
+            width, height = image.size
+            assert width % (4 * 18 + 2) == 0 and (height - 14) / (5 * 18 + 2) == width / (4 * 18 + 2) > 1
+            header = np.asarray(image.convert("L"))[:14]
+            assert (header < 128).any() and (header == 255).mean() > 0.5  # dark label text on white
     assert len(callback.rendered) == 2
     assert torch.equal(callback.rendered[0], val.tensors[0][:5]) and torch.equal(callback.rendered[1], val.tensors[0][:5])
