@@ -30,6 +30,7 @@ from ssl_vit.methods.mae import MAE
 class BenchConfig:
     method: str = "mae"
     arch: str = "vit_base_patch16"
+    depth: Optional[int] = None  # blocks, overriding the arch's (quick runs; None: the paper's size)
     batch_size: int = 64
     steps: int = 20
     warmup: int = 5
@@ -51,6 +52,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.method not in ("mae", "dino"):
             raise ValueError(f"--method must be 'mae' or 'dino', got {self.method!r}")
+        if self.depth is not None and self.depth < 1:
+            raise ValueError(f"--depth must be >= 1, got {self.depth}")
         for name in ("batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -69,6 +72,8 @@ def build_module(cfg: BenchConfig) -> pl.LightningModule:
     the speed switches of ``cfg`` (compiled blocks, activation checkpointing, device augmentation)."""
     # lr is absolute: throughput does not depend on it, and no datamodule batch size is needed
     speed = dict(lr=1e-4, compile_blocks=cfg.compile, grad_checkpointing=cfg.grad_checkpointing)
+    if cfg.depth is not None:
+        speed["depth"] = cfg.depth
     if cfg.method == "mae":
 
         return MAE(arch=cfg.arch, img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, norm_pix_loss=True, **speed)
@@ -266,6 +271,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     defaults = argparse.Namespace(**{f.name: f.default for f in fields(BenchConfig)})
     p.add_argument("--method", choices=["mae", "dino"], required=True)
     p.add_argument("--arch", default=defaults.arch)
+    p.add_argument("--depth", type=int, default=None, help="blocks, overriding the arch's (quick checks)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--warmup", type=int, default=defaults.warmup)

@@ -11,7 +11,7 @@ from ssl_vit.apps.benchmark import BenchConfig, count_flops_per_image
 pytestmark = pytest.mark.slow  # processes, CLI training or end-to-end chains: `make test` only
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--arch", "vit_tiny_patch4_32", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+TINY = ["--arch", "vit_tiny_patch4_32", "--depth", "2", "--batch-size", "4", "--steps", "2", "--warmup", "1",
         "--precision", "32", "--device", "cpu"]
 
 
@@ -37,10 +37,18 @@ def test_benchmark_tool_prints_one_json_line(method, extra):
 def test_flops_scale_with_the_model():
     """The counted FLOPs follow the architecture: ViT-S (2x the width of ViT-Ti) costs about 4x."""
     base = dict(method="dino", batch_size=2, device="cpu", precision="32", global_size=32, local_size=16,
-                local_crops=2, out_dim=64)
+                local_crops=2, out_dim=64, depth=2)
     small = count_flops_per_image(BenchConfig(arch="vit_tiny_patch4_32", **base))
     large = count_flops_per_image(BenchConfig(arch="vit_small_patch4_32", **base))
     assert large > 2 * small > 0
+
+
+def test_depth_overrides_the_arch_and_is_checked():
+    from ssl_vit.apps.benchmark import build_module
+
+    assert len(build_module(BenchConfig(method="mae", arch="vit_tiny_patch4_32", depth=2, device="cpu")).encoder.vit.blocks) == 2
+    with pytest.raises(ValueError, match="--depth"):
+        BenchConfig(depth=0, device="cpu")
 
 
 def test_bad_arguments_are_named():
