@@ -1,30 +1,125 @@
 """`ssl-vit demo`: a complete small run on data that ships with scikit-learn, on CPU, in minutes.
 
-1. writes scikit-learn's 1,797 handwritten digits as 32x32 images (train / held-out test split);
-2. turns the train and test folders into webdataset shards;
-3. pretrains a small MAE and a small DINO through `ssl-vit fit` with the recipes in recipes/demo/;
-4. reports the k-NN accuracy (k=20, cosine, T=0.07) on the held-out split of the frozen features of
-   each pretrained backbone, of the same architecture with random weights, and of raw pixels;
-5. writes MAE reconstruction grids and DINO attention maps.
+1. writes scikit-learn's 1,797 handwritten digits as 32x32 images (train / held-out test split)
+   and turns the train and test folders into webdataset shards;
+2. pretrains a small MAE and a small DINO through `ssl-vit fit` with the recipes in recipes/demo/;
+3. evaluates the frozen features of each pretrained backbone, of the same architecture with random
+   weights, and of raw pixels, on the held-out split: k-NN (k=20, cosine, T=0.07) with every
+   training label, and a linear probe that sees only 5 labelled images per digit (10 random draws);
+4. writes MAE reconstruction grids, DINO attention maps, a t-SNE scatter of the DINO features, and
+   ``index.html``, one page showing all of it (``ssl_vit.apps.demo_report``).
 
-Everything goes under ``--output``; ``summary.json`` holds the accuracies, timings and paths.
+Everything goes under ``--output``; ``summary.json`` holds the numbers, timings and paths. One line
+is printed per stage as it finishes; each pretraining shows a progress bar (on a terminal) or a
+line every quarter of the run (elsewhere).
 """
 import argparse
+import contextlib
 import json
+import logging
+import os
+import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO
 
+import pytorch_lightning as pl
 import torch
+from sklearn.manifold import TSNE
+from tqdm import tqdm
 
-from ssl_vit.apps.runs import KNN_K, KNN_T, backbone_features, knn_accuracy, run_cli
+from ssl_vit.apps.demo_report import format_table, tsne_svg, write_index_html
+from ssl_vit.apps.runs import KNN_K, KNN_T, backbone_features, few_label_probe, knn_top1, run_cli, split_features
 from ssl_vit.apps.runs import shard_pattern as _shard_pattern
+from ssl_vit.checkpoints.load import load_backbone
+from ssl_vit.data import export_digits, write_shards
+from ssl_vit.models.backbone import create_backbone
+from ssl_vit.viz.gallery import export_attention
+from ssl_vit.viz.reconstruction import visualize_mae
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
+IMAGE_SIZE = 32
+FEW_LABELS, FEW_LABEL_DRAWS = 5, 10
+# MAE's representation is the mean patch token; DINO's the CLS token (each method's protocol).
+FEATURE_OF = {"mae": "avg", "dino": "cls"}
+LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
+# Lightning's advice that does not apply to a 1.4k-image CPU run (no validation loader, few batches)
+QUIET_WARNINGS = (r".*`IterableDataset` has `__len__` defined.*", r".*Total length of .* across ranks is zero.*",
+                  r".*smaller than the logging interval.*", r".*does not have many workers.*",
+                  r".*but have no `validation_step`.*", r".*treespec, LeafSpec.*is deprecated.*")
 
 
-def _pretrain(recipe: Path, train: str, run_dir: Path, epochs: Optional[int], seed: int) -> Path:
-    """`ssl-vit fit` with a demo recipe; returns the final checkpoint."""
+class StageProgress(pl.Callback):
+    """One progress bar over a whole fit (every epoch), with the loss.
+
+    On a terminal it is a tqdm bar that disappears when the fit ends; when ``stream`` is not a
+    terminal (a log file, CI) it prints a plain line at every quarter of the run instead. The
+    recipes in ``recipes/demo/`` use it with ``trainer.enable_progress_bar: false``.
+    """
+
+    def __init__(self, stream: Optional[TextIO] = None) -> None:
+        self.stream = stream
+        self.bar: Optional[tqdm] = None
+        self.total, self.next_quarter = 1, 1
+
+    def _stream(self) -> TextIO:
+        return self.stream or sys.stdout
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.total = max(int(trainer.estimated_stepping_batches), 1)
+        self.next_quarter = 1
+        stream = self._stream()
+        if stream.isatty():
+            self.bar = tqdm(total=self.total, desc=f"  {type(pl_module).__name__}", unit="step", file=stream,
+                            leave=False, dynamic_ncols=True)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        loss = trainer.callback_metrics.get("train/loss_step", trainer.callback_metrics.get("train/loss"))
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if loss is not None and step % 10 == 0:
+                self.bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+        elif step >= self.next_quarter * self.total / 4 and self.next_quarter < 4:
+            loss_text = "" if loss is None else f", loss {float(loss):.3f}"
+            print(f"  {type(pl_module).__name__}: step {step}/{self.total}{loss_text}", file=self._stream(), flush=True)
+            self.next_quarter += 1
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextlib.contextmanager
+def quiet_run(threads: int) -> Iterator[None]:
+    """While the demo runs: Lightning's info lines (accelerators, "`Trainer.fit` stopped") and
+    inapplicable warnings off, wandb offline (the recipes log nothing; this skips the network check),
+    and ``threads`` torch threads. Everything is restored afterwards."""
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    old_threads, old_wandb = torch.get_num_threads(), os.environ.get("WANDB_MODE")
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+        os.environ.setdefault("WANDB_MODE", "offline")
+        torch.set_num_threads(threads)
+        with warnings.catch_warnings():
+            for message in QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        torch.set_num_threads(old_threads)
+        if old_wandb is None:
+            os.environ.pop("WANDB_MODE", None)
+
+
+def _pretrain(recipe: Path, train: str, run_dir: Path, epochs: Optional[int], seed: int) -> Dict[str, Any]:
+    """`ssl-vit fit` with a demo recipe; returns ``{"checkpoint", "steps"}``."""
     if not recipe.is_file():
         raise FileNotFoundError(f"demo recipe {recipe} is missing: run the demo from a checkout of ssl_vit")
     args = ["fit", "--config", str(recipe), "--data.train", train, "--trainer.default_root_dir", str(run_dir),
@@ -34,78 +129,125 @@ def _pretrain(recipe: Path, train: str, run_dir: Path, epochs: Optional[int], se
     cli = run_cli(args, stage=f"demo {recipe.stem}")
     ckpt = run_dir / "last.ckpt"
     cli.trainer.save_checkpoint(ckpt, weights_only=False)  # full state: a run can resume from it
-    return ckpt
+    return {"checkpoint": ckpt, "steps": int(cli.trainer.global_step)}
+
+
+class _Clock:
+    """Stage timer that prints one line per finished stage: ``[elapsed] what (stage time)``."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+
+    def lap(self, what: str) -> float:
+        now = time.perf_counter()
+        seconds, self.mark = now - self.mark, now
+        print(f"[{now - self.start:4.0f} s] {what} ({seconds:.1f} s)", flush=True)
+        return seconds
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _evaluate(name: str, feature_fn: Callable[[torch.Tensor], torch.Tensor], train_dir: Path, test_dir: Path,
+              seed: int, draws: int) -> Dict[str, Any]:
+    """k-NN and the few-label probe of one feature function; the test features are kept (t-SNE)."""
+    feats = split_features(feature_fn, train_dir, test_dir, IMAGE_SIZE)
+    row = {"features": name, "knn_top1": knn_top1(*feats),
+           "few_label": few_label_probe(*feats, per_class=FEW_LABELS, draws=draws, seed=seed)}
+    return {"row": row, "test_features": feats[2], "test_labels": feats[3]}
+
+
+def _describe(row: Dict[str, Any]) -> str:
+    probe = row["few_label"]
+    return (f"{row['features']}: k-NN {100 * row['knn_top1']:.1f}%, {probe['per_class']}-label probe "
+            f"{100 * probe['mean']:.1f}% ± {100 * probe['std']:.1f}")
 
 
 def run_demo(
     output: Path, seed: int = 0, mae_epochs: Optional[int] = None, dino_epochs: Optional[int] = None,
-    methods: List[str] = ("mae", "dino"),
+    methods: Sequence[str] = ("mae", "dino"), threads: Optional[int] = None, draws: int = FEW_LABEL_DRAWS,
 ) -> Dict[str, Any]:
-    """Run the demo into ``output`` and return the summary (also written to ``summary.json``)."""
-    from ssl_vit.checkpoints.load import load_backbone
-    from ssl_vit.data import export_digits, write_shards
-    from ssl_vit.models.backbone import create_backbone
+    """Run the demo into ``output`` and return the summary (also written to ``summary.json``).
+
+    Args:
+        threads: torch threads; default one fewer than the CPU cores (the recipes' single data
+            loader worker gets the other one).
+        draws: random draws of the few-label probe.
+    """
 
     unknown = set(methods) - {"mae", "dino"}
     if unknown or not methods:
         raise ValueError(f"--methods takes mae and/or dino, got {sorted(methods)}")
+    threads = max(1, (os.cpu_count() or 2) - 1) if threads is None else threads
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     timings: Dict[str, float] = {}
-    paths: Dict[str, str] = {}
-    t0 = time.perf_counter()
+    paths: Dict[str, Any] = {}
+    clock = _Clock()
+    with quiet_run(threads):
+        data = output / "data"
+        digits = export_digits(data, size=IMAGE_SIZE, seed=seed, overwrite=True)
+        train_dir, test_dir = data / "train", data / "test"
+        shards = output / "shards"
+        info = write_shards(train_dir, shards, "train", shard_size=512, seed=seed, overwrite=True, progress=False)
+        write_shards(test_dir, shards, "test", shard_size=512, seed=seed, overwrite=True, progress=False)
+        train_pattern = _shard_pattern(info, shards)
+        timings["data_s"] = clock.lap(f"data: {digits['train']} train + {digits['test']} held-out digits, "
+                                      f"{IMAGE_SIZE}x{IMAGE_SIZE}, as images and shards")
+        paths.update(images=str(data), shards=str(shards))
 
-    data = output / "data"
-    digits = export_digits(data, size=32, seed=seed, overwrite=True)
-    train_dir, test_dir = data / "train", data / "test"
-    shards = output / "shards"
-    info = write_shards(train_dir, shards, "train", shard_size=512, seed=seed, overwrite=True, progress=False)
-    write_shards(test_dir, shards, "test", shard_size=512, seed=seed, overwrite=True, progress=False)
-    train_pattern = _shard_pattern(info, shards)
-    timings["data_s"] = time.perf_counter() - t0
-    paths.update(images=str(data), shards=str(shards))
+        rows: List[Dict[str, Any]] = []
+        pixels = _evaluate("raw pixels", lambda images: images.flatten(1), train_dir, test_dir, seed, draws)
+        timings["pixels_eval_s"] = clock.lap(_describe(pixels["row"]))
+        rows.append({**pixels["row"], "stage": "evaluate", "time_s": timings["pixels_eval_s"]})
 
-    rows: List[Dict[str, Any]] = []
-    t = time.perf_counter()
-    pixels = knn_accuracy(lambda images: images.flatten(1), train_dir, test_dir, 32)
-    rows.append({"features": "raw pixels", "knn_top1": pixels})
-    timings["pixels_knn_s"] = time.perf_counter() - t
+        tsne_features = None
+        epochs = {"mae": mae_epochs, "dino": dino_epochs}
+        for method in methods:
+            name, feature, run_dir = method.upper(), FEATURE_OF[method], output / method
+            run = _pretrain(RECIPES / f"{method}_digits.yaml", train_pattern, run_dir, epochs[method], seed)
+            ckpt = run["checkpoint"]
+            timings[f"{method}_pretrain_s"] = clock.lap(f"{name} pretraining: {run['steps']} steps, "
+                                                        f"checkpoint {ckpt}")
+            paths[f"{method}_checkpoint"] = str(ckpt)
 
-    # MAE's representation is the mean patch token; DINO's the CLS token (each method's protocol).
-    feature_of = {"mae": "avg", "dino": "cls"}
-    epochs = {"mae": mae_epochs, "dino": dino_epochs}
-    for method in methods:
-        t = time.perf_counter()
-        run_dir = output / method
-        ckpt = _pretrain(RECIPES / f"{method}_digits.yaml", train_pattern, run_dir, epochs[method], seed)
-        timings[f"{method}_pretrain_s"] = time.perf_counter() - t
-        paths[f"{method}_checkpoint"] = str(ckpt)
+            meta = torch.load(ckpt, map_location="cpu", weights_only=True)["ssl_vit"]
+            trained = load_backbone(ckpt)
+            torch.manual_seed(seed)
+            random = create_backbone(meta["arch"], **meta["backbone_kwargs"])
+            result = _evaluate(f"{name} pretrained ({feature})", backbone_features(trained, feature),
+                               train_dir, test_dir, seed, draws)
+            timings[f"{method}_eval_s"] = clock.lap(_describe(result["row"]))
+            rows.append({**result["row"], "stage": "pretrain", "time_s": timings[f"{method}_pretrain_s"]})
+            if method == "dino":
+                tsne_features = (result["test_features"], result["test_labels"])
+            baseline = _evaluate(f"{name} random weights ({feature})", backbone_features(random, feature),
+                                 train_dir, test_dir, seed, draws)
+            timings[f"{method}_random_eval_s"] = clock.lap(_describe(baseline["row"]))
+            rows.append({**baseline["row"], "stage": "evaluate", "time_s": timings[f"{method}_random_eval_s"]})
 
-        t = time.perf_counter()
-        meta = torch.load(ckpt, map_location="cpu", weights_only=True)["ssl_vit"]
-        trained = load_backbone(ckpt)
-        torch.manual_seed(seed)
-        random = create_backbone(meta["arch"], **meta["backbone_kwargs"])
-        feature = feature_of[method]
-        for name, model in ((f"{method.upper()} pretrained", trained), (f"{method.upper()} random weights", random)):
-            rows.append({"features": f"{name} ({feature})", "knn_top1": knn_accuracy(backbone_features(model, feature), train_dir, test_dir, 32)})
-        timings[f"{method}_knn_s"] = time.perf_counter() - t
+            test_images = sorted(p for p in test_dir.rglob("*.png"))[::36][:10]
+            if method == "mae":
 
-        t = time.perf_counter()
-        test_images = sorted(p for p in test_dir.rglob("*.png"))[::36][:10]
-        if method == "mae":
-            from ssl_vit.viz.reconstruction import visualize_mae
+                grids = visualize_mae(ckpt, test_images, run_dir / "reconstructions", seed=seed)
+                paths["mae_reconstructions"] = str(grids[0])
+                paths["mae_reconstruction_pages"] = [str(g) for g in grids]
+            else:
 
-            grids = visualize_mae(ckpt, test_images, run_dir / "reconstructions", seed=seed)
-            paths["mae_reconstructions"] = str(grids[0])
-        else:
-            from ssl_vit.viz.gallery import export_attention
+                export_attention(trained, test_images, run_dir / "attention", image_size=IMAGE_SIZE, progress=False)
+                paths["dino_attention"] = str(run_dir / "attention" / "index.html")
+            timings[f"{method}_pictures_s"] = clock.lap(f"{name} pictures under {run_dir}")
 
-            export_attention(trained, test_images, run_dir / "attention", image_size=32, progress=False)
-            paths["dino_attention"] = str(run_dir / "attention" / "index.html")
-        timings[f"{method}_pictures_s"] = time.perf_counter() - t
+        svg = ""
+        if tsne_features is not None:
 
-    timings["total_s"] = time.perf_counter() - t0
+            feats, labels = tsne_features
+            feats = torch.nn.functional.normalize(feats.float(), dim=1).numpy()
+            points = TSNE(n_components=2, init="pca", perplexity=30, random_state=seed).fit_transform(feats)
+            svg = tsne_svg(points, labels.tolist(), title="t-SNE of DINO features")
+            timings["tsne_s"] = clock.lap("t-SNE of the DINO features of the held-out digits")
+
+    timings["total_s"] = clock.total()
     notes = []
     knn = {row["features"].split(" (")[0]: row["knn_top1"] for row in rows}
     for method in methods:
@@ -116,22 +258,17 @@ def run_demo(
     summary = {
         "data": {"dataset": "scikit-learn digits, 32x32", "train": digits["train"], "test": digits["test"]},
         "knn": {"k": KNN_K, "temperature": KNN_T, "metric": "cosine"},
+        "few_label": {"per_class": FEW_LABELS, "draws": draws, "classifier": "logistic regression, L2-normalised features"},
+        "methods": list(methods),
         "results": rows,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "paths": paths,
         "notes": notes,
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    paths["index"] = str(write_index_html(output, summary, svg))
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def format_table(summary: Dict[str, Any]) -> str:
-    width = max(len(r["features"]) for r in summary["results"])
-    lines = [f"{'features':<{width}}  k-NN top-1 (held-out digits)", f"{'-' * width}  {'-' * 28}"]
-    lines += [f"{r['features']:<{width}}  {100 * r['knn_top1']:5.1f}%" for r in summary["results"]]
-    lines += [f"note: {note}" for note in summary["notes"]]
-    lines.append(f"total time {summary['timings']['total_s']:.0f} s; details in summary.json")
-    return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -141,12 +278,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--methods", nargs="+", default=["mae", "dino"], choices=["mae", "dino"])
     p.add_argument("--mae-epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--dino-epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: CPU cores - 1, leaving a core to the data loader worker)")
+    p.add_argument("--probe-draws", type=int, default=FEW_LABEL_DRAWS,
+                   help=f"random draws of the {FEW_LABELS}-label probe (default {FEW_LABEL_DRAWS})")
     args = p.parse_args(argv)
-    for name in ("mae_epochs", "dino_epochs"):
+    for name in ("mae_epochs", "dino_epochs", "threads", "probe_draws"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    summary = run_demo(args.output, args.seed, args.mae_epochs, args.dino_epochs, args.methods)
+    if args.output.exists() and not args.output.is_dir():
+        p.error(f"--output {args.output} exists and is not a folder")
+    summary = run_demo(args.output, args.seed, args.mae_epochs, args.dino_epochs, args.methods, args.threads,
+                       args.probe_draws)
     print(format_table(summary))
-    print(f"outputs in {args.output}/ (summary.json, mae/reconstructions/, dino/attention/index.html)")
+    print(f"open {args.output / 'index.html'} in a browser: the table, MAE reconstructions, DINO attention "
+          "maps and a t-SNE of the DINO features")
     return summary

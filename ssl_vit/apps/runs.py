@@ -5,6 +5,9 @@
 * :func:`run_cli_subprocess`: the same in a child ``python -m ssl_vit``, its output in a log file.
 * :class:`StageError`: what both raise when a command fails, naming the stage.
 * :func:`knn_accuracy`: weighted k-NN top-1 of any feature function over two image folders.
+* :func:`split_features`: the features of a train and a test image folder, with their labels.
+* :func:`knn_top1` and :func:`few_label_probe`: k-NN top-1 and a few-label linear probe on such
+  features.
 * :func:`backbone_features`: a frozen ViT as such a feature function.
 """
 import os
@@ -13,9 +16,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+
+from ssl_vit.cli import run_lightning
+from ssl_vit.data import EvalTransform, ImageFolderDataModule
+from ssl_vit.eval.features import extract_features, vit_features
+from ssl_vit.eval.knn import knn_classify
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the checkout (or site-packages) holding ssl_vit/
 KNN_K, KNN_T = 20, 0.07
@@ -42,7 +52,6 @@ def run_cli(args: List[str], stage: str = "ssl-vit") -> Any:
     Raises:
         StageError: naming ``stage`` when the command exits with an error or raises.
     """
-    from ssl_vit.cli import run_lightning
 
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it also sees the caller's argv
     try:
@@ -103,12 +112,33 @@ def run_cli_subprocess(
 
 def image_loader(folder: Path, size: int, batch_size: int = 256, num_workers: int = 0) -> torch.utils.data.DataLoader:
     """Every image of an ImageFolder tree once, in order, un-augmented (``EvalTransform``, no crop)."""
-    from ssl_vit.data import EvalTransform, ImageFolderDataModule
 
     dm = ImageFolderDataModule(train=str(folder), val=str(folder), batch_size=batch_size, num_workers=num_workers,
                                pin_memory=False, val_transform=EvalTransform(size=size, crop_pct=1.0))
     dm.setup("validate")
     return dm.val_dataloader()
+
+
+def split_features(
+    feature_fn: Callable[[torch.Tensor], torch.Tensor], train: Path, test: Path, size: int, num_workers: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train features [N, F], train labels [N], test features [M, F], test labels [M])`` of
+    ``feature_fn`` (``[B, C, H, W] -> [B, F]``) over two ImageFolder trees resized to ``size``."""
+
+    train_feats, train_labels = extract_features(feature_fn, image_loader(train, size, num_workers=num_workers))
+    test_feats, test_labels = extract_features(feature_fn, image_loader(test, size, num_workers=num_workers))
+    return train_feats, train_labels, test_feats, test_labels
+
+
+def knn_top1(
+    train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
+    k: int = KNN_K, temperature: float = KNN_T,
+) -> float:
+    """Top-1 of the weighted k-NN classifier (cosine, votes ``exp(sim / T)``) of test on train."""
+
+    num_classes = int(train_labels.max()) + 1
+    scores = knn_classify(train_feats, train_labels, test_feats, num_classes, k=k, temperature=temperature)
+    return float((scores.argmax(1) == test_labels).float().mean())
 
 
 def knn_accuracy(
@@ -123,19 +153,46 @@ def knn_accuracy(
         test: ImageFolder tree of the queries (same classes).
         size: image side the images are resized to (no crop).
     """
-    from ssl_vit.eval.features import extract_features
-    from ssl_vit.eval.knn import knn_classify
+    return knn_top1(*split_features(feature_fn, train, test, size, num_workers), k=k, temperature=temperature)
 
-    train_feats, train_labels = extract_features(feature_fn, image_loader(train, size, num_workers=num_workers))
-    test_feats, test_labels = extract_features(feature_fn, image_loader(test, size, num_workers=num_workers))
-    num_classes = int(train_labels.max()) + 1
-    scores = knn_classify(train_feats, train_labels, test_feats, num_classes, k=k, temperature=temperature)
-    return float((scores.argmax(1) == test_labels).float().mean())
+
+def few_label_probe(
+    train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
+    per_class: int = 5, draws: int = 10, seed: int = 0, C: float = 1.0,
+) -> Dict[str, Any]:
+    """Top-1 of a linear probe trained on ``per_class`` labelled images per class, over ``draws``
+    random draws of those images (scikit-learn's multinomial logistic regression, L2 penalty ``C``,
+    on frozen L2-normalised features).
+
+    Returns:
+        ``{"mean", "std", "per_class", "draws", "accuracies"}`` (accuracies in [0, 1], one per draw).
+
+    Raises:
+        ValueError: when a class has fewer than ``per_class`` training samples, or for
+            ``per_class`` / ``draws`` < 1.
+    """
+
+    if per_class < 1 or draws < 1:
+        raise ValueError(f"few_label_probe needs per_class >= 1 and draws >= 1, got {per_class}, {draws}")
+    x_train = torch.nn.functional.normalize(train_feats.float(), dim=1).numpy()
+    x_test = torch.nn.functional.normalize(test_feats.float(), dim=1).numpy()
+    y_train, y_test = train_labels.numpy(), test_labels.numpy()
+    by_class = [np.flatnonzero(y_train == c) for c in np.unique(y_train)]
+    short = [int(y_train[idx[0]]) for idx in by_class if len(idx) < per_class]
+    if short:
+        raise ValueError(f"few_label_probe: classes {short} have fewer than {per_class} training samples")
+    rng = np.random.default_rng(seed)
+    accuracies = []
+    for _ in range(draws):
+        chosen = np.concatenate([rng.choice(idx, per_class, replace=False) for idx in by_class])
+        probe = LogisticRegression(C=C, max_iter=1000).fit(x_train[chosen], y_train[chosen])
+        accuracies.append(float((probe.predict(x_test) == y_test).mean()))
+    return {"mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)), "per_class": per_class,
+            "draws": draws, "accuracies": accuracies}
 
 
 def backbone_features(model: torch.nn.Module, feature: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """``images -> vit_features(model, images, feature)`` with ``model`` in eval mode."""
-    from ssl_vit.eval.features import vit_features
 
     model.eval()
     return lambda images: vit_features(model, images, feature=feature)

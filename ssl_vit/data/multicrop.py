@@ -1,7 +1,7 @@
 """DINO's multi-crop augmentation (Caron et al. 2021, Appendix / reference ``DataAugmentationDINO``).
 
 One image becomes ``2 + num_local`` views: two global crops then ``num_local`` local crops. Every view
-has a random resized crop (bicubic), horizontal flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8
+has a random resized crop (bicubic), horizontal flip (p ``hflip``, 0.5 as the reference), colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8
 and grayscale with p 0.2 (the BYOL recipe), then::
 
     view                     Gaussian blur p    solarize p
@@ -51,6 +51,8 @@ class MultiCropTransform:
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
         blur_sigma: range of the Gaussian blur sigma, in pixels.
+        hflip: probability of a horizontal flip of each view (0: none, for data where a mirror image
+            is another class, such as digits).
 
     Returns (``__call__``):
         ``[global_1, global_2, local_1, ..., local_N]``: float32 tensors ``[3, global_size,
@@ -67,6 +69,7 @@ class MultiCropTransform:
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         blur_sigma: Sequence[float] = (0.1, 2.0),
+        hflip: float = 0.5,
     ) -> None:
         if global_size < 1 or local_size < 1:
             raise ValueError(
@@ -78,6 +81,8 @@ class MultiCropTransform:
             raise ValueError(f"MultiCropTransform: mean and std need 3 values (std > 0), got {mean}, {std}")
         if len(blur_sigma) != 2 or not 0 < blur_sigma[0] <= blur_sigma[1]:
             raise ValueError(f"MultiCropTransform: blur_sigma must be (min, max) with 0 < min <= max, got {blur_sigma}")
+        if not 0 <= hflip <= 1:
+            raise ValueError(f"MultiCropTransform: hflip is a probability in [0, 1], got {hflip}")
         self.global_size, self.local_size, self.num_local = global_size, local_size, num_local
         global_scale = _check_scale("global_scale", global_scale)
         local_scale = _check_scale("local_scale", local_scale)
@@ -91,7 +96,7 @@ class MultiCropTransform:
         def view(size: int, scale: Tuple[float, float], blur_p: float, solarize_p: float) -> v2.Compose:
             steps: List[Any] = [
                 v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
-                v2.RandomHorizontalFlip(p=0.5),
+                v2.RandomHorizontalFlip(p=float(hflip)),
                 v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
                 v2.RandomGrayscale(p=0.2),
                 v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=sigma)], p=blur_p),
