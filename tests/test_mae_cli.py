@@ -43,7 +43,8 @@ def test_smoke_recipe_runs_and_logs_reconstructions(shards, tmp_path):
     png = tmp_path / "reconstructions" / "epoch_000.png"
     assert png.is_file()
     with Image.open(png) as image:
-        assert image.size == (4 * 34 + 2, 4 * 34 + 2)  # 4 panels x 4 images of 32 px, 2 px padding
+        # 4 panels x 4 images of 32 px, 2 px padding, enlarged 3x under a 14-px header of column names
+        assert image.size == (3 * (4 * 34 + 2), 3 * (4 * 34 + 2) + 14)
 
 
 def test_cli_checkpoint_loads_and_visualize_tool_writes_pngs(shards, tmp_path):
@@ -64,7 +65,7 @@ def test_cli_checkpoint_loads_and_visualize_tool_writes_pngs(shards, tmp_path):
     tool["main"](["--weights", str(checkpoint), "--images", str(images / "class0"), str(images / "class1" / "1.png"),
                   "--output", str(out), "--seed", "3"])
     with Image.open(out / "reconstructions_000.png") as image:
-        assert image.size == (4 * 34 + 2, 3 * 34 + 2)  # three images (two from the folder, one file)
+        assert image.size == (3 * (4 * 34 + 2), 3 * (3 * 34 + 2) + 14)  # three images (two from the folder, one file)
     with pytest.raises(FileNotFoundError, match="image path not found"):
         tool["main"](["--weights", str(checkpoint), "--images", str(tmp_path / "missing.png"), "--output", str(out)])
 

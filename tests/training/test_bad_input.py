@@ -97,8 +97,8 @@ def probe_recipe(tmp_path: Path, data: dict, **model_args) -> str:
     return str(path)
 
 
-def run_cli(args: List[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline"}
+def run_cli(args: List[str], **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", **env_vars}
     return subprocess.run([sys.executable, "-m", "ssl_vit", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -150,7 +150,10 @@ def test_real_cli_refuses_dino_local_crops_that_are_not_patch_multiples(data, tm
     assert result.returncode != 0
     assert "data.train_transform (MultiCropTransform) view 2 makes 18x18 images" in result.stderr
     assert "4x4 patches (use e.g. 16 or 20)" in result.stderr
-    assert "in setup" in result.stderr and "training_step" not in result.stderr
+    assert "Traceback" not in result.stderr  # one message, not a traceback (ssl_vit.apps.commands)
+    traced = run_cli(base_args(SMOKE_DINO, data, tmp_path) + ["--data.train_transform.local_size", "18"],
+                     SSL_VIT_TRACEBACK="1")
+    assert "in setup" in traced.stderr and "training_step" not in traced.stderr  # refused before any step
 
 
 @pytest.mark.parametrize(
