@@ -164,3 +164,19 @@ def test_a_user_error_is_one_message_not_a_traceback(tmp_path, capsys, monkeypat
     monkeypatch.setenv("SSL_VIT_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):
         ssl_vit_main(args)
+
+
+def test_a_failed_start_leaves_no_empty_logger_folders(tmp_path):
+    logs = tmp_path / "logs"
+    args = ["fit", "--config", SMOKE, "--data.train", str(tmp_path / "missing-{000000..000001}.tar"),
+            "--trainer.logger", "pytorch_lightning.loggers.CSVLogger", "--trainer.logger.save_dir", str(logs),
+            "--trainer.logger.name", "csv"]
+    with pytest.raises(FileNotFoundError):
+        cli_main(args)
+    assert not (logs / "csv").exists()  # neither csv/version_0 nor csv/
+    (logs / "csv" / "version_0").mkdir(parents=True)
+    (logs / "csv" / "version_0" / "metrics.csv").write_text("kept")  # something in it: nothing is removed
+    from ssl_vit.training.checks import remove_if_empty
+
+    remove_if_empty(str(logs / "csv" / "version_0"))
+    assert (logs / "csv" / "version_0" / "metrics.csv").read_text() == "kept"

@@ -11,6 +11,7 @@ checked.
 by the hyperparameters stored in a ``--ckpt_path`` checkpoint, so a checkpoint of another method or
 architecture would silently replace the recipe's model. It names every difference instead.
 """
+import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
@@ -94,10 +95,23 @@ def check_run(module: pl.LightningModule, stage: str, trainer: Optional["pl.Trai
 
 class StartupChecks(pl.Callback):
     """Run :func:`check_run` when a stage starts (the ``setup`` hook): what can be known to be wrong
-    fails there, naming the option, before any compute."""
+    fails there, naming the option, before any compute. A run that fails leaves no empty logger
+    folders behind (``csv/version_N`` with nothing in it): only folders that are empty are removed."""
 
     def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
         check_run(pl_module, stage, trainer)
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:  # the version folder, then the logger's own (save_dir/name)
+                remove_if_empty(getattr(logger, "log_dir", None))
+                remove_if_empty(getattr(logger, "root_dir", None))
+
+
+def remove_if_empty(folder: Optional[str]) -> None:
+    """Remove ``folder`` if it exists and holds nothing (a logger's version folder of a failed start)."""
+    if folder and os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
 
 
 # -- resuming through the CLI -----------------------------------------------------------------------
