@@ -135,12 +135,14 @@ def test_template_runs_the_cli_with_preemption_and_resumes_requeued_jobs(fake_sl
     """What the template hands to srun: the CLI with num_nodes and devices from the allocation,
     Lightning's requeue handler off, the Preemption callback, the user's overrides; a requeued job
     adds ``--ckpt_path last``; and that command line parses (``--print_config``)."""
-    (fake_slurm / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$WANDB_RUN_ID" "$@"\n')  # print, do not run
-    env = slurm_env(tmp_path, fake_slurm, nodes=3, tasks_per_node=4, CHECK_EVERY="7")
+    srun_cpus = fake_slurm / "srun_cpus"  # print, do not run; record the cores srun would give each task
+    (fake_slurm / "srun").write_text(f'#!/bin/sh\necho "$SRUN_CPUS_PER_TASK" > {srun_cpus}\nprintf "%s\\n" "$WANDB_RUN_ID" "$@"\n')
+    env = slurm_env(tmp_path, fake_slurm, nodes=3, tasks_per_node=4, CHECK_EVERY="7", SLURM_CPUS_PER_TASK="10")
     result = sbatch([SMOKE, "--data.batch_size", "2"], env)
     assert result.returncode == 0, result.stderr
     run_id, *argv = result.stdout.splitlines()
     assert run_id == f"ssl_vit_test-{JOB_ID}"  # a requeued job continues the same wandb run
+    assert srun_cpus.read_text().strip() == "10"  # srun (Slurm >= 22.05) does not inherit --cpus-per-task
     preemption = {"class_path": "ssl_vit.training.Preemption", "init_args": {"check_every": 7}}
     assert argv == [
         sys.executable, "-m", "ssl_vit", "fit", "--config", SMOKE, "--trainer.num_nodes", "3",
