@@ -10,10 +10,10 @@ Where each step happens (per optimiser step, in Lightning's order):
 2. ``training_step``: teacher on the 2 global crops (no grad), student on all crops, DINO loss with
    this step's teacher temperature; the centre is updated (all-reduced) inside the loss.
 3. ``on_before_optimizer_step``: (with ``ssl_vit.training.NonFiniteGuard``, whose hook runs first,
-   the guard decides on the device whether this step is applied;) then ALL gradient handling, on unscaled gradients: per-tensor clipping
-   to ``clip_grad`` (as the reference ``clip_gradients``), then the head's last layer gradients are
-   set to None during the first ``freeze_last_layer`` epochs (AdamW then skips it entirely: no
-   update, no weight decay). Trainer-level ``gradient_clip_val`` is refused (it would clip twice).
+   the guard decides on the device whether this step is applied;) then ALL gradient handling, on
+   unscaled gradients: per-tensor clipping to ``clip_grad`` (as the reference ``clip_gradients``),
+   then the head's last layer gradients are set to None during the first ``freeze_last_layer``
+   epochs (AdamW then skips it entirely: no update, no weight decay). Trainer-level ``gradient_clip_val`` is refused (it would clip twice).
 4. ``optimizer_step``: the optimiser step, and right after it the teacher EMA with this step's
    momentum. Lightning calls ``optimizer_step`` only on real optimiser steps, so under gradient
    accumulation the teacher moves once per optimiser step, like the student. On a step the guard
