@@ -75,7 +75,6 @@ def build_module(cfg: BenchConfig) -> pl.LightningModule:
     if cfg.depth is not None:
         speed["depth"] = cfg.depth
     if cfg.method == "mae":
-
         return MAE(arch=cfg.arch, img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, norm_pix_loss=True, **speed)
 
     return DINO(arch=cfg.arch, img_size=cfg.global_size, out_dim=cfg.out_dim, compile_augment=cfg.compile, **speed)
@@ -83,7 +82,6 @@ def build_module(cfg: BenchConfig) -> pl.LightningModule:
 
 class _Synthetic(Dataset):
     """The same random batch on the device, every step (data cost zero, like the reference figures)."""
-
     def __init__(self, batch: Any, length: int) -> None:
         self.batch, self.length = batch, length
 
@@ -106,7 +104,6 @@ def synthetic_loader(cfg: BenchConfig, length: int) -> DataLoader:
 
 
 def shard_datamodule(cfg: BenchConfig) -> pl.LightningDataModule:
-
     if cfg.method == "mae":
         transform: Any = PretrainTransform(size=cfg.img_size)
     else:
@@ -117,7 +114,6 @@ def shard_datamodule(cfg: BenchConfig) -> pl.LightningDataModule:
 
 class _StepTimer(pl.Callback):
     """Wall time and peak memory of the steps after ``warmup``, device synchronised at both ends."""
-
     def __init__(self, warmup: int, steps: int, sync_debug: bool = False) -> None:
         self.warmup, self.steps, self.sync_debug = warmup, steps, sync_debug
         self.done = 0
@@ -142,7 +138,6 @@ class _StepTimer(pl.Callback):
 
 class _FlopCounter(pl.Callback):
     """Counts the FLOPs of one training step (forward + backward) inside the real training loop."""
-
     def __init__(self) -> None:
         self.mode: Optional[FlopCounterMode] = None
         self.flops = 0
@@ -266,7 +261,6 @@ def find_max_batch(cfg: BenchConfig, limit: int = 8192) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = argparse.Namespace(**{f.name: f.default for f in fields(BenchConfig)})
     p.add_argument("--method", choices=["mae", "dino"], required=True)

@@ -57,7 +57,6 @@ class StageProgress(pl.Callback):
     terminal (a log file, CI) it prints a plain line at every quarter of the run instead. The
     recipes in ``recipes/demo/`` use it with ``trainer.enable_progress_bar: false``.
     """
-
     def __init__(self, stream: Optional[TextIO] = None) -> None:
         self.stream = stream
         self.bar: Optional[tqdm] = None
@@ -96,15 +95,13 @@ class StageProgress(pl.Callback):
 @contextlib.contextmanager
 def quiet_run(threads: int) -> Iterator[None]:
     """While the demo runs: Lightning's info lines (accelerators, "`Trainer.fit` stopped") and
-    inapplicable warnings off, wandb offline (the recipes log nothing; this skips the network check),
-    and ``threads`` torch threads. Everything is restored afterwards."""
+    inapplicable warnings off, and ``threads`` torch threads. Everything is restored afterwards."""
     loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
     levels = [lg.level for lg in loggers]
-    old_threads, old_wandb = torch.get_num_threads(), os.environ.get("WANDB_MODE")
+    old_threads = torch.get_num_threads()
     try:
         for lg in loggers:
             lg.setLevel(logging.WARNING)
-        os.environ.setdefault("WANDB_MODE", "offline")
         torch.set_num_threads(threads)
         with warnings.catch_warnings():
             for message in QUIET_WARNINGS:
@@ -114,8 +111,6 @@ def quiet_run(threads: int) -> Iterator[None]:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
         torch.set_num_threads(old_threads)
-        if old_wandb is None:
-            os.environ.pop("WANDB_MODE", None)
 
 
 def _pretrain(recipe: Path, train: str, run_dir: Path, epochs: Optional[int], seed: int) -> Dict[str, Any]:
@@ -134,7 +129,6 @@ def _pretrain(recipe: Path, train: str, run_dir: Path, epochs: Optional[int], se
 
 class _Clock:
     """Stage timer that prints one line per finished stage: ``[elapsed] what (stage time)``."""
-
     def __init__(self) -> None:
         self.start = self.mark = time.perf_counter()
 
@@ -174,7 +168,6 @@ def run_demo(
             loader worker gets the other one).
         draws: random draws of the few-label probe.
     """
-
     unknown = set(methods) - {"mae", "dino"}
     if unknown or not methods:
         raise ValueError(f"--methods takes mae and/or dino, got {sorted(methods)}")
@@ -228,19 +221,16 @@ def run_demo(
 
             test_images = sorted(p for p in test_dir.rglob("*.png"))[::36][:10]
             if method == "mae":
-
                 grids = visualize_mae(ckpt, test_images, run_dir / "reconstructions", seed=seed)
                 paths["mae_reconstructions"] = str(grids[0])
                 paths["mae_reconstruction_pages"] = [str(g) for g in grids]
             else:
-
                 export_attention(trained, test_images, run_dir / "attention", image_size=IMAGE_SIZE, progress=False)
                 paths["dino_attention"] = str(run_dir / "attention" / "index.html")
             timings[f"{method}_pictures_s"] = clock.lap(f"{name} pictures under {run_dir}")
 
         svg = ""
         if tsne_features is not None:
-
             feats, labels = tsne_features
             feats = torch.nn.functional.normalize(feats.float(), dim=1).numpy()
             points = TSNE(n_components=2, init="pca", perplexity=30, random_state=seed).fit_transform(feats)

@@ -52,7 +52,6 @@ def run_cli(args: List[str], stage: str = "ssl-vit") -> Any:
     Raises:
         StageError: naming ``stage`` when the command exits with an error or raises.
     """
-
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it also sees the caller's argv
     try:
         return run_lightning(args)
@@ -112,7 +111,6 @@ def run_cli_subprocess(
 
 def image_loader(folder: Path, size: int, batch_size: int = 256, num_workers: int = 0) -> torch.utils.data.DataLoader:
     """Every image of an ImageFolder tree once, in order, un-augmented (``EvalTransform``, no crop)."""
-
     dm = ImageFolderDataModule(train=str(folder), val=str(folder), batch_size=batch_size, num_workers=num_workers,
                                pin_memory=False, val_transform=EvalTransform(size=size, crop_pct=1.0))
     dm.setup("validate")
@@ -124,7 +122,6 @@ def split_features(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(train features [N, F], train labels [N], test features [M, F], test labels [M])`` of
     ``feature_fn`` (``[B, C, H, W] -> [B, F]``) over two ImageFolder trees resized to ``size``."""
-
     train_feats, train_labels = extract_features(feature_fn, image_loader(train, size, num_workers=num_workers))
     test_feats, test_labels = extract_features(feature_fn, image_loader(test, size, num_workers=num_workers))
     return train_feats, train_labels, test_feats, test_labels
@@ -135,7 +132,6 @@ def knn_top1(
     k: int = KNN_K, temperature: float = KNN_T,
 ) -> float:
     """Top-1 of the weighted k-NN classifier (cosine, votes ``exp(sim / T)``) of test on train."""
-
     num_classes = int(train_labels.max()) + 1
     scores = knn_classify(train_feats, train_labels, test_feats, num_classes, k=k, temperature=temperature)
     return float((scores.argmax(1) == test_labels).float().mean())
@@ -171,7 +167,6 @@ def few_label_probe(
         ValueError: when a class has fewer than ``per_class`` training samples, or for
             ``per_class`` / ``draws`` < 1.
     """
-
     if per_class < 1 or draws < 1:
         raise ValueError(f"few_label_probe needs per_class >= 1 and draws >= 1, got {per_class}, {draws}")
     x_train = torch.nn.functional.normalize(train_feats.float(), dim=1).numpy()
@@ -193,6 +188,5 @@ def few_label_probe(
 
 def backbone_features(model: torch.nn.Module, feature: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """``images -> vit_features(model, images, feature)`` with ``model`` in eval mode."""
-
     model.eval()
     return lambda images: vit_features(model, images, feature=feature)

@@ -48,7 +48,6 @@ _DINO_ARCHS = {"vit_tiny": "tiny", "vit_small": "small", "vit_base": "base"}
 
 class LoadedBackbone(NamedTuple):
     """A loaded backbone and how to rebuild it: ``create_backbone(arch, **kwargs)``."""
-
     model: VisionTransformer
     arch: str
     kwargs: Dict[str, Any]
@@ -160,7 +159,6 @@ def _read_ssl_vit(path: Path, obj: Mapping, role: Optional[str]) -> _Found:
 
 
 def _read_export(path: Path, role: Optional[str]) -> _Found:
-
     _no_roles(path, role, "an exported backbone")
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if not weights.is_file():

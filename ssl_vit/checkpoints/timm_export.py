@@ -1,7 +1,6 @@
 """Export a backbone as a timm-loadable ``model.safetensors`` + ``config.json``.
 
 The directory loads with no network and no ssl_vit::
-
     config = json.load(open(f"{out}/config.json"))
     model = timm.create_model(config["architecture"], pretrained=True, num_classes=0,
                               pretrained_cfg_overlay=dict(file=f"{out}/model.safetensors"),
@@ -115,7 +114,6 @@ def export_backbone(
     Returns:
         ``output_dir``.
     """
-
     if isinstance(model_or_path, nn.Module):
         if role is not None:
             raise ValueError("role only applies to checkpoint files, not to a model object")

@@ -42,7 +42,6 @@ class FinetuneTransform:
     Returns (``__call__``, on a PIL image or ``uint8 [C, H, W]`` tensor):
         float32 tensor ``[3, size, size]``.
     """
-
     def __init__(
         self,
         size: int = 224,
@@ -76,7 +75,6 @@ class FinetuneTransform:
 
     def __call__(self, image: Any) -> Tensor:
         if isinstance(image, Tensor):
-
             image = to_pil_image(image)
         return self.transform(image.convert("RGB"))
 
@@ -105,7 +103,6 @@ class Finetune(ClassifierModule):
         head_init_std: std of the classifier weight init (MAE: 2e-5).
         base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas: ``ScheduledModule``.
     """
-
     stage = "finetune"
 
     def __init__(

@@ -156,7 +156,6 @@ def load_images(
     Returns:
         ``[N, 3, size, size]`` float32.
     """
-
     transform = EvalTransform(size=size, crop_pct=1.0, mean=mean, std=std)
     images = []
     for file in files:
@@ -192,7 +191,6 @@ def visualize_mae(
     Returns:
         The PNG files written.
     """
-
     if per_page < 1:
         raise ValueError(f"per_page must be >= 1, got {per_page}")
     module = load_mae(weights)

@@ -72,7 +72,6 @@ GALLERY_FILE = "attention_gallery.png"
 @dataclass
 class QualityOptions:
     """What ``tools/bench_quality.py`` takes (see its ``--help``)."""
-
     data: Path
     output: Path
     budget_minutes: float = 30.0
@@ -120,7 +119,6 @@ class _StopAfter(Exception):
 
 class Bench:
     """One benchmark run into ``opts.output`` (see the module docstring)."""
-
     def __init__(self, opts: QualityOptions) -> None:
         positive = dict(epochs=opts.epochs, probe_epochs=opts.probe_epochs, finetune_epochs=opts.finetune_epochs,
                         limit_train=opts.limit_train, limit_test=opts.limit_test, batch_size=opts.batch_size,
@@ -223,7 +221,6 @@ class Bench:
         return {"metric": "knn_top1", "value": value}
 
     def pretrain_stage(self, method: str, stage_dir: Path) -> Dict[str, Any]:
-
         key = f"{method}_pretrain"
         budget_s = 60.0 * self.opts.budget_minutes
         tiny = {f"model.init_args.{k}": v for k, v in TINY_MODEL[key].items()} if self.opts.tiny else {}
@@ -305,7 +302,6 @@ class Bench:
                 "epochs": (epochs or recipe_epochs) if command == "fit" else None, "minutes": round(run["wall_s"] / 60, 3)}
 
     def gallery_stage(self, stage_dir: Path) -> Dict[str, Any]:
-
         images = qdata.gallery_images(Path(self.images["test"]), self.opts.gallery_images)
         model = load_backbone(self.stages["dino_pretrain"]["checkpoint"])
         result = export_attention(model, images, stage_dir / "attention", image_size=IMAGE_SIZE, progress=False)

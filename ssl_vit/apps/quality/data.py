@@ -165,7 +165,6 @@ def prepare_images(source: Path, dest: Path, limit_train: Optional[int] = None, 
 def make_shards(images: Dict, dest: Path, seed: int = 0, shard_size: int = SHARD_SIZE) -> Dict[str, str]:
     """Shards of the train tree (``train-*.tar``) and of the test tree (``val-*.tar``, as the recipes
     name them), with their info JSONs; returns the brace patterns."""
-
     patterns = {}
     for split, name in (("train", "train"), ("test", "val")):
         info = write_shards(images[split], dest, name, shard_size=shard_size, seed=seed, overwrite=True, progress=False)

@@ -51,7 +51,6 @@ def device_name(accelerator: str) -> str:
 
 def environment(accelerator: str) -> Dict[str, Any]:
     """Commit, device and library versions, for the record."""
-
     status = _git("status", "--porcelain")
     return {
         "git_commit": _git("rev-parse", "HEAD") or "unknown (not a git checkout)",
