@@ -5,8 +5,11 @@ Formats, recognised by their layout (never by file name):
 * ssl_vit Lightning checkpoints: ``checkpoint["ssl_vit"]`` names the ``create_backbone`` arch and
   kwargs and the state-dict prefix of each backbone role (MAE ``encoder.vit.``, DINO
   ``teacher.backbone.`` by default or ``student.backbone.``, probe / finetune ``backbone.``).
-* ssl_vit exports: a directory (or its ``model.safetensors``) with ``config.json`` beside it
-  (see :mod:`ssl_vit.checkpoints.timm_export`).
+* timm's own format, as ``timm.models.save_for_hf`` / ``push_to_hf_hub`` write it and
+  ``timm.create_model("local-dir:DIR")`` reads it: a directory (or its weights file) with
+  ``config.json`` (``architecture``, ``model_args``) beside ``model.safetensors`` or
+  ``pytorch_model.bin``. ssl_vit's exports (:mod:`ssl_vit.checkpoints.timm_export`) are such
+  directories, with the ``create_backbone`` name and kwargs under ``config["ssl_vit"]``.
 * facebookresearch/dino backbone files (a plain timm-layout state dict) and training checkpoints
   (``student`` / ``teacher`` / ``args`` ...): the teacher backbone unless ``role="student"``.
 * facebookresearch/mae checkpoints ``{"model": ...}``: pretraining ones (``mask_token`` and
@@ -14,11 +17,10 @@ Formats, recognised by their layout (never by file name):
 * plain timm state dicts, bare or under ``"state_dict"`` / ``"model"`` (a classifier ``head.*`` is dropped).
 
 Where the file does not name the architecture and ``arch`` is None, it is inferred from tensor
-shapes (width, depth, patch size, image size from ``pos_embed``; heads from the ViT table). Every
-load checks keys and shapes exactly and fails naming the missing and unexpected keys.
+shapes (width, depth, patch size, image size from ``pos_embed``; heads from the ViT table).  Every load checks keys and shapes exactly and
+fails naming the missing and unexpected keys.
 """
 import json
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
@@ -26,22 +28,26 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from ssl_vit.checkpoints.arch import grid_side, infer_arch, pos_embed_kwargs
 from ssl_vit.checkpoints.format import CHECKPOINT_KEY
 from ssl_vit.checkpoints.io import PathLike, check_keys, check_shapes, safe_torch_load
-from ssl_vit.models.backbone import VIT_SIZES, create_backbone
+from ssl_vit.models.backbone import create_backbone
 from ssl_vit.models.pos_embed import pos_embed_resample, resample_pos_embed
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+# The weights files of timm's format, in the order timm prefers them (save_for_hf writes the first,
+# the second with safe_serialization=False, both with "both").
+WEIGHTS_NAMES = (WEIGHTS_NAME, "pytorch_model.bin")
+LOCAL_DIR = "local-dir:"  # timm's prefix for a directory in its format
 
 FORMATS = (
-    "load_backbone knows: ssl_vit Lightning checkpoints (checkpoint['ssl_vit']); ssl_vit exports "
-    "(model.safetensors + config.json); facebookresearch/dino backbones and training checkpoints "
+    "load_backbone knows: ssl_vit Lightning checkpoints (checkpoint['ssl_vit']); timm-format "
+    "directories (config.json + model.safetensors or pytorch_model.bin: ssl_vit exports, timm save_for_hf, "
+    "local-dir:DIR); facebookresearch/dino backbones and training checkpoints "
     "(student/teacher/args); facebookresearch/mae checkpoints ({'model': ...}, pretraining or "
     "finetuned); plain timm state dicts (bare, or under 'state_dict' / 'model')."
 )
 
-# Heads of the standard ViT sizes, by width (ViT paper, Table 1).
-HEADS_BY_WIDTH = {width: heads for width, _, heads in VIT_SIZES.values()}
 # Reference DINO `args.arch` -> ssl_vit size (the patch size comes from `args.patch_size`).
 _DINO_ARCHS = {"vit_tiny": "tiny", "vit_small": "small", "vit_base": "base"}
 
@@ -68,7 +74,8 @@ def load_backbone(
     """Load the timm ``VisionTransformer`` (no classifier) stored in ``path``, in any known format.
 
     Args:
-        path: checkpoint file, ``model.safetensors`` or an export directory.
+        path: checkpoint file, a timm-format directory (``DIR`` or ``local-dir:DIR``) or its
+            weights file.
         arch: ``create_backbone`` / timm name, for files that do not name their architecture
             (inferred from tensor shapes when None).
         role: which backbone of a multi-backbone file: ``"teacher"`` (DINO default) or
@@ -86,7 +93,8 @@ def read_backbone(
     path: PathLike, arch: Optional[str] = None, role: Optional[str] = None, **kwargs: Any
 ) -> LoadedBackbone:
     """``load_backbone`` that also returns the ``create_backbone`` name and kwargs it used."""
-    found = _read(Path(path), role)
+    path = Path(str(path)[len(LOCAL_DIR):]) if str(path).startswith(LOCAL_DIR) else Path(path)
+    found = _read(path, role)
     if arch is not None and found.arch is not None and arch != found.arch:
         raise ValueError(f"{path} is a {found.arch} backbone ({found.source}), but arch={arch!r} was asked for")
     state = dict(found.state)
@@ -99,7 +107,7 @@ def read_backbone(
     else:
         arch = found.arch or arch
         if not found.complete:
-            build_kwargs = {**_pos_embed_kwargs(state), **build_kwargs}
+            build_kwargs = {**pos_embed_kwargs(state), **build_kwargs}
     if "fc_norm.weight" in state and "norm.weight" not in state and "global_pool" not in build_kwargs:
         build_kwargs["global_pool"] = "avg"  # MAE finetuned / timm avg-pool checkpoints
     build_kwargs.update(kwargs)
@@ -119,8 +127,8 @@ def read_backbone(
 
 # -- formats ----------------------------------------------------------------------------------------
 def _read(path: Path, role: Optional[str]) -> _Found:
-    if path.is_dir() or path.suffix == ".safetensors":
-        return _read_export(path, role)
+    if path.is_dir() or path.suffix == ".safetensors" or (path.name in WEIGHTS_NAMES and (path.parent / CONFIG_NAME).is_file()):
+        return _read_timm_format(path, role)
     obj = safe_torch_load(path)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict. {FORMATS}")
@@ -158,21 +166,58 @@ def _read_ssl_vit(path: Path, obj: Mapping, role: Optional[str]) -> _Found:
     return _Found(state, meta["arch"], dict(meta["backbone_kwargs"]), f"ssl_vit checkpoint ({meta.get('method')}, role {role})", True)
 
 
-def _read_export(path: Path, role: Optional[str]) -> _Found:
-    _no_roles(path, role, "an exported backbone")
-    weights = path / WEIGHTS_NAME if path.is_dir() else path
-    if not weights.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
-    state = load_file(str(weights))
+def _read_timm_format(path: Path, role: Optional[str]) -> _Found:
+    """A timm-format directory or its weights file; a ``.safetensors`` file with no ``config.json``
+    beside it is a bare state dict (its architecture inferred)."""
+    _no_roles(path, role, "a timm-format backbone")
+    if path.is_dir():
+        weights = next((path / name for name in WEIGHTS_NAMES if (path / name).is_file()), None)
+        if weights is None:
+            raise FileNotFoundError(f"{path} holds no weights: expected {' or '.join(WEIGHTS_NAMES)} (timm's format)")
+    elif path.is_file():
+        weights = path
+    else:
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = _read_weights(weights)
     config_path = weights.parent / CONFIG_NAME
-    if not config_path.is_file():  # a bare safetensors state dict: infer like any other
-        return _read_state_dict(weights, state, "safetensors state dict")
-    config = json.loads(config_path.read_text())
+    if not config_path.is_file():
+        return _read_state_dict(weights, state, f"{weights.suffix} state dict, no {CONFIG_NAME} beside it")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path} cannot be read as JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not timm's config object")
     if "ssl_vit" in config:
-        return _Found(state, config["ssl_vit"]["arch"], dict(config["ssl_vit"]["backbone_kwargs"]), "ssl_vit export", True)
-    if "architecture" not in config:
-        raise KeyError(f"{config_path} has neither 'ssl_vit' nor 'architecture'")
-    return _Found(state, config["architecture"], dict(config.get("kwargs", {})), "timm export (config.json)", True)
+        meta = config["ssl_vit"]
+        if not isinstance(meta, dict) or "arch" not in meta or not isinstance(meta.get("backbone_kwargs"), dict):
+            raise ValueError(f"{config_path}: its 'ssl_vit' entry needs 'arch' and 'backbone_kwargs', got {meta!r}")
+        return _Found(state, meta["arch"], dict(meta["backbone_kwargs"]), f"ssl_vit export ({weights.name})", True)
+    if not isinstance(config.get("architecture"), str):
+        raise KeyError(f"{config_path} names no 'architecture' (timm's config.json) and carries no 'ssl_vit' entry")
+    model_args = config.get("model_args") or {}
+    if not isinstance(model_args, dict):
+        raise ValueError(f"{config_path}: 'model_args' must be an object, got {model_args!r}")
+    model_args = dict(model_args)
+    source = f"timm format ({weights.name})"
+    if model_args.pop("num_classes", config.get("num_classes", 0)):
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        source += ", classifier dropped"
+    # without model_args (timm's older single-dict configs) the image size comes from pos_embed
+    return _Found(state, config["architecture"], model_args, source, bool(model_args))
+
+
+def _read_weights(weights: Path) -> Dict[str, Tensor]:
+    """The state dict in a ``.safetensors`` file or a weights-only torch file."""
+    if weights.suffix == ".safetensors":
+        try:
+            return load_file(str(weights))
+        except Exception as err:  # safetensors raises its own SafetensorError, or OSError
+            raise ValueError(f"{weights} cannot be read as a safetensors file (truncated or not safetensors?): {err}") from err
+    state = safe_torch_load(weights)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{weights} holds a {type(state).__name__}, not a state dict")
+    return dict(state)
 
 
 def _read_dino_training(path: Path, obj: Mapping, role: Optional[str]) -> _Found:
@@ -216,73 +261,6 @@ def _read_state_dict(path: Path, state: Mapping[str, Any], wrapper: str) -> _Fou
     return _Found(state, None, {}, source)
 
 
-# -- architecture inference -------------------------------------------------------------------------
-def _grid_side(tokens: int, name: str) -> int:
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise ValueError(f"{name} has {tokens} patch positions, not a square grid: give img_size")
-    return side
-
-
-def _pos_embed_kwargs(state: Mapping[str, Tensor]) -> Dict[str, Any]:
-    """``img_size`` the file's position embedding was built for (square grids)."""
-    if "pos_embed" not in state:
-        return {}
-    patch = state["patch_embed.proj.weight"].shape[-1]
-    prefix = ("cls_token" in state) + (state["reg_token"].shape[1] if "reg_token" in state else 0)
-    tokens = state["pos_embed"].shape[1]
-    if math.isqrt(tokens - prefix) ** 2 == tokens - prefix:
-        return {"img_size": math.isqrt(tokens - prefix) * patch}
-    return {"img_size": _grid_side(tokens, "pos_embed") * patch, "no_embed_class": True}
-
-
-def infer_arch(state: Mapping[str, Tensor], num_heads: Optional[int] = None) -> Tuple[str, Dict[str, Any]]:
-    """``create_backbone`` name and kwargs of a timm-layout ViT state dict, from tensor shapes.
-
-    Width, depth, patch size, channels, MLP ratio, qkv bias, class / register tokens, layer scale,
-    qk-norm and image size (from ``pos_embed``) are read off the tensors; heads come from the ViT
-    table by width (``num_heads`` is needed for other widths).
-    """
-    if "patch_embed.proj.weight" not in state:
-        raise KeyError(f"cannot infer a ViT from keys {sorted(state)[:10]}...: no patch_embed.proj.weight. {FORMATS}")
-    embed_dim, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
-    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
-    depth = max(blocks) + 1 if blocks else 0
-    if num_heads is None:
-        if embed_dim not in HEADS_BY_WIDTH:
-            raise ValueError(
-                f"cannot infer the number of heads of a {embed_dim}-wide ViT (depth {depth}, patch {patch}): "
-                f"the ViT table knows widths {sorted(HEADS_BY_WIDTH)}; pass arch=... or num_heads=..."
-            )
-        num_heads = HEADS_BY_WIDTH[embed_dim]
-    size = next((s for s, dims in VIT_SIZES.items() if dims == (embed_dim, depth, num_heads)), None)
-    kwargs: Dict[str, Any] = {} if size else dict(embed_dim=int(embed_dim), depth=depth, num_heads=int(num_heads))
-    if in_chans != 3:
-        kwargs["in_chans"] = int(in_chans)
-    if depth:
-        kwargs["mlp_ratio"] = state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
-        if "blocks.0.attn.qkv.bias" not in state:
-            kwargs["qkv_bias"] = False
-        if "blocks.0.ls1.gamma" in state:
-            kwargs["init_values"] = 1.0  # any value: the gammas are loaded
-        if "blocks.0.attn.q_norm.weight" in state:
-            kwargs["qk_norm"] = True
-    if "cls_token" not in state:
-        kwargs["class_token"] = False
-    if "reg_token" in state:
-        kwargs["reg_tokens"] = int(state["reg_token"].shape[1])
-    if "norm_pre.weight" in state:
-        kwargs["pre_norm"] = True
-    if "pos_embed" not in state:
-        kwargs["pos_embed"] = "none"
-    kwargs.update(_pos_embed_kwargs(state))
-    return f"vit_{size or _nearest_size(embed_dim)}_patch{patch}", kwargs
-
-
-def _nearest_size(width: int) -> str:
-    return min(VIT_SIZES, key=lambda s: abs(VIT_SIZES[s][0] - width))
-
-
 # -- state adaptation -------------------------------------------------------------------------------
 def _adapt_pooling(state: Dict[str, Tensor], model: VisionTransformer) -> Dict[str, Tensor]:
     """Token-pooled weights into an average-pooled model (MAE finetuning): the final ``norm`` is
@@ -305,7 +283,7 @@ def _resample_pos_embed(state: Dict[str, Tensor], model: VisionTransformer) -> D
         return state
     prefix = 0 if model.no_embed_class else model.num_prefix_tokens
     tokens = state["pos_embed"].shape[1] - prefix
-    side = _grid_side(tokens, "the file's pos_embed")
+    side = grid_side(tokens, "the file's pos_embed")
     if state["pos_embed"].shape[-1] != model.pos_embed.shape[-1]:
         return state  # a width mismatch: check_shapes reports it
     state = dict(state)

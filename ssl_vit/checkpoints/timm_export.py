@@ -1,48 +1,63 @@
-"""Export a backbone as a timm-loadable ``model.safetensors`` + ``config.json``.
+"""Export a backbone in timm's own format: a directory with ``model.safetensors`` and ``config.json``.
 
-The directory loads with no network and no ssl_vit::
-    config = json.load(open(f"{out}/config.json"))
-    model = timm.create_model(config["architecture"], pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay=dict(file=f"{out}/model.safetensors"),
-                              **config["kwargs"])
+The directory is written by ``timm.models.save_for_hf`` (what ``timm.models.push_to_hf_hub`` uploads),
+so it loads with timm alone and no network::
 
-and ``ssl_vit.load_backbone(out)`` reads it back. ``config.json`` also keeps the ``create_backbone``
-name and kwargs under ``"ssl_vit"``. Every export is verified: the exported files are loaded back
-through ``timm.create_model`` and must give the source backbone's outputs.
+    model = timm.create_model("local-dir:exported/dino_vits16", pretrained=True)
+    data_config = timm.data.resolve_data_config({}, model=model)  # input size, mean/std, crop
+
+and, uploaded unchanged to the Hugging Face Hub, as ``timm.create_model("hf-hub:USER/REPO",
+pretrained=True)``. ``config.json`` holds timm's ``architecture`` (the timm model name, no
+pretrained tag), ``num_classes`` (0: a backbone), ``num_features``, ``model_args`` (every
+``create_model`` argument that rebuilds the network: patch and image size, width, depth, heads,
+tokens, pooling...) and a ``pretrained_cfg`` of its own: input size from the model, the
+normalisation and eval crop the backbone was trained and evaluated with, no ``hf_hub_id`` or tag
+of another model. ``config["ssl_vit"]`` keeps the ``create_backbone`` name and kwargs, so that
+``ssl_vit.load_backbone(DIR)`` rebuilds the exact ssl_vit backbone.
+
+What timm cannot reproduce: a backbone trained with ``pos_embed_resample="dino"`` (ssl_vit's DINO)
+resamples its position embedding for other input sizes with the DINO reference's
+``interpolate_pos_encoding``; timm has only its own resampling. At the exported input size the
+two are the same model (checked on every export); at other sizes timm's features differ slightly
+from ``ssl_vit.load_backbone(DIR)``'s, and ``pretrained_cfg["notes"]`` says so. A fixed sin-cos
+position embedding (MAE) is exported as its values; timm makes it trainable.
 """
+import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
-from safetensors.torch import save_file
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import PretrainedCfg, save_for_hf, split_model_name_tag
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ssl_vit.checkpoints.arch import infer_arch
 from ssl_vit.checkpoints.io import PathLike
-from ssl_vit.checkpoints.load import CONFIG_NAME, WEIGHTS_NAME, infer_arch, read_backbone
+from ssl_vit.checkpoints.load import CONFIG_NAME, WEIGHTS_NAME, read_backbone
 from ssl_vit.models.backbone import resolve_arch
+from ssl_vit.models.pos_embed import pos_embed_resample
 
 # create_backbone arguments that are not timm architecture kwargs as such (read off the model instead).
 _OWN_KWARGS = ("pos_embed", "global_pool", "drop_path_rate", "dynamic_img_size", "img_size", "pos_embed_resample")
-# The architecture written for each standard size: a timm name whose pretrained config reads plain
-# state-dict files (the default tags of vit_{tiny,small,large}_patch16_224 are Google .npz files
-# with a custom loader, which older timm versions use for any file) and has no classifier
-# (num_classes 0, so timm loads the file strictly). Width, depth, heads, patch and image size are
-# always given as kwargs, so the name is a template: a ViT-Tiny export names the ViT-S DINO entry.
-_TEMPLATES = {
-    "vit_tiny_patch16_224": "vit_small_patch16_224.dino",
-    "vit_small_patch16_224": "vit_small_patch16_224.dino",
-    "vit_base_patch16_224": "vit_base_patch16_224.mae",
-    "vit_large_patch16_224": "vit_large_patch16_224.mae",
-    "vit_huge_patch14_224": "vit_huge_patch14_224.mae",
-}
+# The preprocessing ssl_vit evaluates with by default (``ssl_vit.data.EvalTransform``): ImageNet
+# statistics, bicubic resize to ``size / crop_pct``, centre crop. Runs on other data give theirs.
+DATA_DEFAULTS: Dict[str, Any] = dict(
+    mean=tuple(IMAGENET_DEFAULT_MEAN), std=tuple(IMAGENET_DEFAULT_STD), interpolation="bicubic", crop_pct=DEFAULT_CROP_PCT
+)
+_DINO_NOTE = (
+    "ssl_vit pos_embed_resample='dino': at input sizes other than input_size, the position embedding "
+    "was resampled with the DINO reference's interpolate_pos_encoding; timm resamples it its own way, "
+    "so features there differ slightly (ssl_vit.load_backbone(dir) reproduces the original)"
+)
+_SINCOS_NOTE = "fixed 2-D sin-cos position embedding (MAE), stored as values; timm makes it trainable"
 
 
 def timm_config(model: VisionTransformer, arch: str, kwargs: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
-    """The timm model name and ``timm.create_model`` kwargs that rebuild ``model``.
+    """The timm model name (no pretrained tag) and ``timm.create_model`` kwargs that rebuild ``model``.
 
     Args:
         model: the backbone (image size, pooling and dynamic size are read off it).
@@ -50,12 +65,11 @@ def timm_config(model: VisionTransformer, arch: str, kwargs: Mapping[str, Any]) 
         kwargs: its ``create_backbone`` kwargs.
     """
     name, timm_kwargs = resolve_arch(arch, **{k: v for k, v in kwargs.items() if k not in _OWN_KWARGS})
-    if "embed_dim" in timm_kwargs and "depth" in timm_kwargs and "num_heads" in timm_kwargs:
-        name = _TEMPLATES.get(name, name)  # an ssl_vit name: every size is explicit
     timm_kwargs.update(
         img_size=list(model.patch_embed.img_size),
         global_pool=model.global_pool,
         dynamic_img_size=bool(model.dynamic_img_size),
+        num_classes=0,
     )
     if model.pos_embed is None:
         timm_kwargs["pos_embed"] = "none"
@@ -63,7 +77,7 @@ def timm_config(model: VisionTransformer, arch: str, kwargs: Mapping[str, Any]) 
         json.dumps(timm_kwargs)
     except TypeError as err:
         raise ValueError(f"backbone kwargs {timm_kwargs} cannot be written to {CONFIG_NAME}: {err}") from err
-    return name, timm_kwargs
+    return split_model_name_tag(name)[0], timm_kwargs
 
 
 def describe_backbone(model: VisionTransformer) -> Tuple[str, Dict[str, Any]]:
@@ -77,17 +91,40 @@ def describe_backbone(model: VisionTransformer) -> Tuple[str, Dict[str, Any]]:
     return arch, kwargs
 
 
-def load_exported(output_dir: PathLike) -> VisionTransformer:
-    """Load an export directory exactly as a timm user would (``timm.create_model``, no ssl_vit)."""
-    output_dir = Path(output_dir)
-    config = json.loads((output_dir / CONFIG_NAME).read_text())
-    return timm.create_model(
-        config["architecture"],
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(output_dir / WEIGHTS_NAME)),
+def export_pretrained_cfg(model: VisionTransformer, name: str, data: Mapping[str, Any]) -> Dict[str, Any]:
+    """timm's ``pretrained_cfg`` of the exported backbone: its own input size and preprocessing, no
+    weight source (``local-dir:`` / ``hf-hub:`` supply it when loading)."""
+    notes = []
+    if pos_embed_resample(model) == "dino":
+        notes.append(_DINO_NOTE)
+    if model.pos_embed is not None and not model.pos_embed.requires_grad:
+        notes.append(_SINCOS_NOTE)
+    return PretrainedCfg(
+        architecture=name,
+        input_size=(model.patch_embed.proj.in_channels, *model.patch_embed.img_size),
+        fixed_input_size=not model.dynamic_img_size,
+        interpolation=data["interpolation"],
+        crop_pct=float(data["crop_pct"]),
+        mean=tuple(float(m) for m in data["mean"]),
+        std=tuple(float(s) for s in data["std"]),
         num_classes=0,
-        **config["kwargs"],
-    ).eval()
+        first_conv="patch_embed.proj",
+        classifier="head",
+        notes=tuple(notes) or None,
+    ).to_dict()
+
+
+def _data_config(data_config: Optional[Mapping[str, Any]], in_chans: int) -> Dict[str, Any]:
+    unknown = sorted(set(data_config or {}) - set(DATA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"data_config keys {unknown} are not known; give any of {sorted(DATA_DEFAULTS)}")
+    data = {**DATA_DEFAULTS, **(data_config or {})}
+    for key in ("mean", "std"):
+        if len(data[key]) != in_chans:
+            raise ValueError(f"data_config {key} has {len(data[key])} values for a {in_chans}-channel backbone")
+    if min(data["std"]) <= 0 or not 0 < data["crop_pct"] <= 1:
+        raise ValueError(f"data_config needs std > 0 and 0 < crop_pct <= 1, got std={data['std']}, crop_pct={data['crop_pct']}")
+    return data
 
 
 def export_backbone(
@@ -96,9 +133,10 @@ def export_backbone(
     arch: Optional[str] = None,
     role: Optional[str] = None,
     check: bool = True,
+    data_config: Optional[Mapping[str, Any]] = None,
     **kwargs: Any,
 ) -> Path:
-    """Write ``output_dir/model.safetensors`` and ``output_dir/config.json`` for a backbone.
+    """Write ``output_dir/model.safetensors`` and ``output_dir/config.json`` in timm's format.
 
     Args:
         model_or_path: a timm ``VisionTransformer`` or any file ``load_backbone`` reads.
@@ -106,8 +144,10 @@ def export_backbone(
         arch: ``create_backbone`` name (for a path: as ``load_backbone``; for a model: read off the
             model when None).
         role: backbone role for multi-backbone files (DINO ``teacher`` / ``student``).
-        check: load the export back through ``timm.create_model`` and compare outputs on a random
-            batch; raise if they differ.
+        check: load the export back with ``timm.create_model("local-dir:...")`` and compare outputs
+            on a random batch; raise if they differ.
+        data_config: the preprocessing recorded for users of the export: ``mean``, ``std``,
+            ``interpolation``, ``crop_pct`` (defaults: :data:`DATA_DEFAULTS`, ssl_vit's own).
         **kwargs: ``create_backbone`` kwargs (for a path: as ``load_backbone``; for a model: its
             kwargs, used with ``arch``).
 
@@ -130,23 +170,33 @@ def export_backbone(
         model, arch, kwargs, source = loaded.model, loaded.arch, loaded.kwargs, f"{model_or_path} ({loaded.source})"
     if getattr(model, "num_classes", 0):
         raise ValueError(f"export_backbone exports backbones without a classifier; this model has {model.num_classes} classes")
+    data = _data_config(data_config, model.patch_embed.proj.in_channels)
     name, timm_kwargs = timm_config(model, arch, kwargs)
+    backbone_kwargs = {k: v for k, v in kwargs.items() if k != "drop_path_rate"}
+    if pos_embed_resample(model) != "timm":
+        backbone_kwargs["pos_embed_resample"] = pos_embed_resample(model)
+    # timm writes the model's pretrained_cfg: give it this export's on a shallow copy (the copy shares
+    # the weights; the caller's model keeps its own cfg)
+    described = copy.copy(model)
+    described.pretrained_cfg = export_pretrained_cfg(model, name, data)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_for_hf(
+        described,
+        str(output_dir),
+        model_args=timm_kwargs,
+        safe_serialization=True,
+        data_config={"input_size": described.pretrained_cfg["input_size"], **data},
+        model_config={"ssl_vit": {"arch": arch, "backbone_kwargs": backbone_kwargs, "source": str(source)}},
+    )
     readable_by_all(output_dir / WEIGHTS_NAME)  # safetensors creates it 0600, unlike every other file
-    config = {
-        "architecture": name,
-        "kwargs": timm_kwargs,
-        "num_features": int(model.num_features),
-        "ssl_vit": {"arch": arch, "backbone_kwargs": {k: v for k, v in kwargs.items() if k != "drop_path_rate"}},
-        "source": str(source),
-    }
-    (output_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     if check:
         verify_export(model, output_dir)
     return output_dir
+
+
+def load_exported(output_dir: PathLike) -> VisionTransformer:
+    """Load an export directory exactly as a timm user would (``timm.create_model``, no ssl_vit)."""
+    return timm.create_model(f"local-dir:{output_dir}", pretrained=True).eval()
 
 
 @torch.no_grad()
@@ -166,9 +216,24 @@ def verify_export(model: VisionTransformer, output_dir: PathLike, batch: int = 2
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
         diff = (got - expected).abs().max().item() if got.shape == expected.shape else "shape"
         raise RuntimeError(
-            f"export check failed: timm.create_model from {output_dir} does not reproduce the backbone "
-            f"(max abs difference {diff}); the architecture kwargs in {CONFIG_NAME} are incomplete"
+            f"export check failed: timm.create_model('local-dir:{output_dir}') does not reproduce the backbone "
+            f"(max abs difference {diff}); the model_args in {CONFIG_NAME} are incomplete"
         )
+
+
+def export_summary(output_dir: PathLike) -> List[str]:
+    """Lines telling a user what an export holds and how to load it (printed by the export tool)."""
+    output_dir = Path(output_dir)
+    config = json.loads((output_dir / CONFIG_NAME).read_text())
+    cfg = config["pretrained_cfg"]
+    lines = [
+        f"wrote {output_dir / WEIGHTS_NAME}",
+        f"wrote {output_dir / CONFIG_NAME}: {config['architecture']}, {config['num_features']} features, "
+        f"input {tuple(cfg['input_size'])}, mean {tuple(cfg['mean'])}, std {tuple(cfg['std'])}",
+        "load it with timm alone:",
+        f'  model = timm.create_model("local-dir:{output_dir}", pretrained=True)',
+    ]
+    return lines + [f"note: {note}" for note in cfg.get("notes") or ()]
 
 
 def readable_by_all(path: Path) -> None:
