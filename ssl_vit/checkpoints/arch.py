@@ -1,13 +1,71 @@
-"""What architecture a backbone file holds, inferred from its tensor shapes when the file does not say."""
+"""What architecture a backbone file holds: inferred from tensor shapes (``infer_arch``) when the file
+does not say, and compared field by field (``architecture_differences``) when it says one name and
+the caller asks for another.
+
+Names are not architectures: ``vit_tiny_patch16`` and ``vit_tiny_patch16_224`` are the same network,
+and ``vit_tiny_patch4_32`` with ``embed_dim=32`` is not a ViT-Tiny. Two descriptions are compared
+as built (on the meta device: no memory, no init cost) by the fields that make them different
+networks: width, depth, heads, MLP ratio and kind, patch size, channels, class / register tokens,
+position embedding present, its class-token slot, qkv bias, qk-norm, layer scale, pre-norm. The
+image size (the position embedding is resampled), the pooling (the file's is used unless asked
+otherwise) and run-time options (drop path, dynamic size) are not architecture.
+"""
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from torch import Tensor
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
 
-from ssl_vit.models.backbone import VIT_SIZES
+from ssl_vit.models.backbone import VIT_SIZES, create_backbone
 
 # Heads of the standard ViT sizes, by width (ViT paper, Table 1).
 HEADS_BY_WIDTH = {width: heads for width, _, heads in VIT_SIZES.values()}
+
+
+# -- comparing two descriptions ----------------------------------------------------------------------
+def describe_architecture(model: VisionTransformer) -> Dict[str, Any]:
+    """The fields that make ``model`` the network it is, read off its public modules."""
+    desc: Dict[str, Any] = dict(
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        patch_size=tuple(model.patch_embed.patch_size),
+        in_chans=model.patch_embed.proj.in_channels,
+        class_token=model.cls_token is not None,
+        reg_tokens=getattr(model, "num_reg_tokens", 0),
+        pos_embed=model.pos_embed is not None,
+        no_embed_class=model.no_embed_class,
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+    )
+    if len(model.blocks):
+        block = model.blocks[0]
+        attn, mlp = block.attn, block.mlp
+        first_linear = next((m for m in mlp.modules() if isinstance(m, nn.Linear)), None)
+        desc.update(
+            block=type(block).__name__,
+            num_heads=getattr(attn, "num_heads", None),
+            qkv_bias=getattr(getattr(attn, "qkv", None), "bias", None) is not None,
+            qk_norm=not isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity),
+            mlp_layer=type(mlp).__name__,
+            mlp_ratio=first_linear.out_features / model.embed_dim if first_linear is not None else None,
+            layer_scale=not isinstance(getattr(block, "ls1", nn.Identity()), nn.Identity),
+        )
+    return desc
+
+
+def architecture_of(arch: str, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """``describe_architecture(create_backbone(arch, **kwargs))``, built on the meta device."""
+    with torch.device("meta"):
+        return describe_architecture(create_backbone(arch, **kwargs))
+
+
+def architecture_differences(found: Mapping[str, Any], asked: Mapping[str, Any]) -> List[str]:
+    """``"field: FOUND (file) vs ASKED (asked)"`` for every field that differs."""
+    return [
+        f"{key}: {found.get(key)!r} (file) vs {asked.get(key)!r} (asked)"
+        for key in sorted(set(found) | set(asked))
+        if found.get(key) != asked.get(key)
+    ]
 
 
 # -- inference from tensor shapes ----------------------------------------------------------------------

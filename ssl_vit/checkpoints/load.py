@@ -17,7 +17,9 @@ Formats, recognised by their layout (never by file name):
 * plain timm state dicts, bare or under ``"state_dict"`` / ``"model"`` (a classifier ``head.*`` is dropped).
 
 Where the file does not name the architecture and ``arch`` is None, it is inferred from tensor
-shapes (width, depth, patch size, image size from ``pos_embed``; heads from the ViT table).  Every load checks keys and shapes exactly and
+shapes (width, depth, patch size, image size from ``pos_embed``; heads from the ViT table). Where
+it names one and ``arch`` gives another name, the two are compared as architectures
+(:mod:`ssl_vit.checkpoints.arch`), not as names. Every load checks keys and shapes exactly and
 fails naming the missing and unexpected keys.
 """
 import json
@@ -28,7 +30,7 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from ssl_vit.checkpoints.arch import grid_side, infer_arch, pos_embed_kwargs
+from ssl_vit.checkpoints.arch import architecture_differences, architecture_of, grid_side, infer_arch, pos_embed_kwargs
 from ssl_vit.checkpoints.format import CHECKPOINT_KEY
 from ssl_vit.checkpoints.io import PathLike, check_keys, check_shapes, safe_torch_load
 from ssl_vit.models.backbone import create_backbone
@@ -77,7 +79,8 @@ def load_backbone(
         path: checkpoint file, a timm-format directory (``DIR`` or ``local-dir:DIR``) or its
             weights file.
         arch: ``create_backbone`` / timm name, for files that do not name their architecture
-            (inferred from tensor shapes when None).
+            (inferred from tensor shapes when None). For files that do, a check: another name is
+            accepted if it builds the same architecture, and refused naming each differing field.
         role: which backbone of a multi-backbone file: ``"teacher"`` (DINO default) or
             ``"student"``; roles of ssl_vit checkpoints are listed in their metadata.
         **kwargs: ``create_backbone`` arguments overriding the file's (``img_size`` resamples the
@@ -96,7 +99,7 @@ def read_backbone(
     path = Path(str(path)[len(LOCAL_DIR):]) if str(path).startswith(LOCAL_DIR) else Path(path)
     found = _read(path, role)
     if arch is not None and found.arch is not None and arch != found.arch:
-        raise ValueError(f"{path} is a {found.arch} backbone ({found.source}), but arch={arch!r} was asked for")
+        _check_same_architecture(path, found, arch, kwargs)
     state = dict(found.state)
     build_kwargs = dict(found.kwargs)
     inferred = ""
@@ -123,6 +126,22 @@ def read_backbone(
     check_shapes(expected, state, what)
     model.load_state_dict(state, strict=True)
     return LoadedBackbone(model.eval(), arch, _recorded_kwargs(build_kwargs), found.source)
+
+
+def _check_same_architecture(path: Path, found: "_Found", arch: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse ``arch`` unless it builds the architecture the file names (its name and kwargs, with the
+    caller's ``kwargs`` applied to both), naming each field that differs with both values."""
+    try:
+        in_file = architecture_of(found.arch, {**found.kwargs, **kwargs})
+        asked = architecture_of(arch, kwargs)
+    except Exception as err:  # create_backbone / timm reject a name or an argument
+        raise ValueError(f"{path} is a {found.arch} backbone ({found.source}); arch={arch!r} cannot be compared: {err}") from err
+    differences = architecture_differences(in_file, asked)
+    if differences:
+        raise ValueError(
+            f"{path} is a {found.arch} backbone ({found.source}), but arch={arch!r} was asked for, another "
+            "architecture:\n  " + "\n  ".join(differences)
+        )
 
 
 # -- formats ----------------------------------------------------------------------------------------
