@@ -4,8 +4,7 @@ own data config, and is what ``push_to_hf_hub`` would upload (the upload mocked:
 import inspect
 import json
 import os
-import subprocess
-import sys
+import runpy
 from pathlib import Path
 from unittest import mock
 
@@ -137,7 +136,7 @@ def test_push_to_hf_hub_of_the_loaded_export_uploads_the_same_config(tmp_path):
     torch.testing.assert_close(outputs(timm_user_load(tmp_path / "hub"), 24), outputs(source, 24))
 
 
-def test_export_from_dino_checkpoint_role_and_tool(tmp_path):
+def test_export_from_dino_checkpoint_role_and_tool(tmp_path, capsys):
     torch.manual_seed(1)
     teacher, student = create_backbone("vit_tiny_patch4_32", **TINY), create_backbone("vit_tiny_patch4_32", **TINY)
     state = {f"teacher.backbone.{k}": v for k, v in teacher.state_dict().items()}
@@ -149,12 +148,18 @@ def test_export_from_dino_checkpoint_role_and_tool(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["ssl_vit"]["arch"] == "vit_tiny_patch4_32" and config["ssl_vit"]["backbone_kwargs"] == TINY
 
-    result = subprocess.run([sys.executable, str(ROOT / "tools/export_backbone.py"), "--weights", str(tmp_path / "dino.ckpt"),
-                             "--role", "student", "--img-size", "48", "--output", str(tmp_path / "student")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert result.returncode == 0, result.stderr
-    exported = timm_user_load(tmp_path / "student")
-    assert exported.pos_embed.shape == (1, 1 + 12 * 12, 32)
+    tool = runpy.run_path(str(ROOT / "tools/export_backbone.py"))  # the script itself, in-process
+    assert tool["main"](["--weights", str(tmp_path / "dino.ckpt"), "--role", "student", "--img-size", "48",
+                         "--crop-pct", "1.0", "--output", str(tmp_path / "student")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert f"wrote {tmp_path / 'student' / 'model.safetensors'}" in printed
+    assert any(line.startswith(f"wrote {tmp_path / 'student' / 'config.json'}: ") and "input (3, 48, 48)" in line for line in printed)
+    one_liner = next(line.strip() for line in printed if "timm.create_model(" in line)
+    assert one_liner == f'model = timm.create_model("local-dir:{tmp_path / "student"}", pretrained=True)'
+    scope = {"timm": timm}
+    exec(one_liner, scope)  # the printed line, run as printed
+    exported = scope["model"].eval()
+    assert exported.pos_embed.shape == (1, 1 + 12 * 12, 32) and exported.pretrained_cfg["crop_pct"] == 1.0
     torch.testing.assert_close(outputs(exported, 48), outputs(student, 48))  # resampled = timm's dynamic resampling
 
 
