@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.utils import make_grid
+from tqdm.auto import tqdm
 
 from ssl_vit.checkpoints.io import PathLike
 from ssl_vit.checkpoints.mae import load_mae
@@ -175,6 +176,7 @@ def visualize_mae(
     image_size: Optional[int] = None,
     seed: int = 0,
     per_page: int = 8,
+    progress: bool = True,
 ) -> List[Path]:
     """Write reconstruction grids of image files for an MAE checkpoint (see ``load_mae``).
 
@@ -187,6 +189,7 @@ def visualize_mae(
         image_size: side the images are resized and cropped to; defaults to the model's.
         seed: seed of the masking noise.
         per_page: rows per picture.
+        progress: show a bar of the images reconstructed (tqdm, on stderr).
 
     Returns:
         The PNG files written.
@@ -205,10 +208,12 @@ def visualize_mae(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     written = []
-    for page, start in enumerate(range(0, len(batch), per_page)):
-        chunk = slice(start, start + per_page)
-        grid = reconstruction_grid(module, batch[chunk], mask_ratio, noise=noise[chunk])
-        path = output / f"reconstructions_{page:03d}.png"
-        labelled(grid).save(path)
-        written.append(path)
+    with tqdm(total=len(batch), unit="img", disable=not progress, desc="MAE reconstructions") as bar:
+        for page, start in enumerate(range(0, len(batch), per_page)):
+            chunk = slice(start, start + per_page)
+            grid = reconstruction_grid(module, batch[chunk], mask_ratio, noise=noise[chunk])
+            path = output / f"reconstructions_{page:03d}.png"
+            labelled(grid).save(path)
+            written.append(path)
+            bar.update(len(batch[chunk]))
     return written

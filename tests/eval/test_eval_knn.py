@@ -207,6 +207,18 @@ def test_knn_monitor_logs_the_knn_accuracy_of_the_teacher():
         KNNMonitor(train_loader=dm.train_dataloader())
 
 
+@pytest.mark.parametrize("bar", [True, False])
+def test_knn_monitor_shows_its_feature_extraction_when_the_run_has_a_bar(bar, capsys):
+    module, dm = TinySSL(), Clusters(num_classes=3)
+    monitor = KNNMonitor(train_loader=dm.train_dataloader(), val_loader=dm.val_dataloader(), k=5)
+    train = DataLoader(TensorDataset(torch.zeros(2, 1), torch.zeros(2)), batch_size=2)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=bar,
+                         enable_model_summary=False, callbacks=[monitor])
+    trainer.fit(module, train_dataloaders=train)
+    err = capsys.readouterr().err
+    assert ("k-NN monitor: bank" in err and "k-NN monitor: queries" in err) == bar
+
+
 def test_extract_features_refuses_multicrop_batches():
     loader = [([torch.zeros(2, 3, 8, 8)] * 2, torch.zeros(2))]
     with pytest.raises(TypeError, match="multi-crop"):

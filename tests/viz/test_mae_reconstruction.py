@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_vit.methods.mae import MAE
 from ssl_vit.viz import ReconstructionLogger
-from ssl_vit.viz.reconstruction import mask_noise, reconstruction_grid, reconstruction_panels
+from ssl_vit.viz.reconstruction import mask_noise, reconstruction_grid, reconstruction_panels, visualize_mae
 
 TINY = dict(arch="vit_tiny_patch4_32", img_size=16, embed_dim=32, depth=1, num_heads=2,
             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
@@ -65,3 +65,18 @@ def test_callback_writes_a_png_per_epoch_from_fixed_validation_images(tmp_path):
             assert (header < 128).any() and (header == 255).mean() > 0.5  # dark label text on white
     assert len(callback.rendered) == 2
     assert torch.equal(callback.rendered[0], val.tensors[0][:5]) and torch.equal(callback.rendered[1], val.tensors[0][:5])
+
+
+def test_visualize_mae_shows_a_bar_of_the_images_reconstructed(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = MAE(**TINY)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, tmp_path / "mae.ckpt")
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    images = [tmp_path / f"{i}.png" for i in range(3)]
+    written = visualize_mae(tmp_path / "mae.ckpt", images, tmp_path / "out", per_page=2)
+    assert [p.name for p in written] == ["reconstructions_000.png", "reconstructions_001.png"]
+    err = capsys.readouterr().err
+    assert "MAE reconstructions" in err and "3/3" in err
+    visualize_mae(tmp_path / "mae.ckpt", images, tmp_path / "quiet", progress=False)
+    assert "MAE reconstructions" not in capsys.readouterr().err
