@@ -5,9 +5,11 @@ import json
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 from timm.models import save_for_hf
 
 from ssl_vit.checkpoints.load import build_backbone, load_backbone
+from ssl_vit.models.backbone import create_backbone
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
@@ -67,3 +69,18 @@ def test_a_broken_timm_directory_is_refused_naming_the_file(tmp_path):
         load_backbone(tmp_path / "hf")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_backbone(weights)
+
+
+def test_exports_of_the_earlier_layout_still_load(tmp_path):
+    """Exports written before timm's format (top-level "kwargs", a template architecture) carry the
+    ssl_vit entry, which load_backbone reads."""
+    torch.manual_seed(0)
+    source = create_backbone("vit_tiny_patch4_32", embed_dim=32, depth=2, num_heads=2).eval()
+    (tmp_path / "old").mkdir()
+    save_file(source.state_dict(), str(tmp_path / "old" / "model.safetensors"))
+    (tmp_path / "old" / "config.json").write_text(json.dumps({
+        "architecture": "vit_small_patch16_224.dino", "num_features": 32,
+        "kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": [32, 32]},
+        "ssl_vit": {"arch": "vit_tiny_patch4_32", "backbone_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}},
+    }))
+    torch.testing.assert_close(pooled(load_backbone(tmp_path / "old")), pooled(source))
