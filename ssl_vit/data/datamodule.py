@@ -31,10 +31,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 from ssl_vit.data.decode import MIN_CHECKED_SAMPLES, CorruptCounter, CorruptSampleError, open_image
+from ssl_vit.data.listing import list_images
 from ssl_vit.data.pipeline import ShardStream
 from ssl_vit.data.resume import ResumableLoader, ResumableSampler, call_seeded, sample_seed
 from ssl_vit.data.shard_info import ShardInfo, load_shard_info
-from ssl_vit.data.shards import list_image_folder
 from ssl_vit.data.transforms import EvalTransform, PretrainTransform
 
 logger = logging.getLogger(__name__)
@@ -252,9 +252,10 @@ class _ImageFiles(Dataset):
 
     def __init__(self, root: str, max_corrupt_fraction: float, transform: Optional[Callable] = None) -> None:
         self.root, self.transform = root, transform
-        self.classes, self.items = list_image_folder(root)
+        listing = list_images(root, "folders")
+        self.classes, self.items = listing.classes, listing.items
         if not self.items:
-            raise ValueError(f"no files under the class folders of {root!r}")
+            raise ValueError(f"no files under {root!r}")
         self.max_corrupt_fraction, self.min_checked = max_corrupt_fraction, MIN_CHECKED_SAMPLES
         self.counter: Optional[CorruptCounter] = None  # one per process (each worker has its copy)
         self.seed: Optional[int] = None
