@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
-from ssl_vit.data.decode import MIN_CHECKED_SAMPLES, CorruptCounter, CorruptSampleError, open_image
+from ssl_vit.data.decode import MIN_CHECKED_SAMPLES, CorruptCounter, CorruptSampleError, open_image, to_rgb
 from ssl_vit.data.listing import list_images
 from ssl_vit.data.pipeline import ShardStream
 from ssl_vit.data.resume import ResumableLoader, ResumableSampler, call_seeded, sample_seed
@@ -273,7 +273,7 @@ class _ImageFiles(Dataset):
             path, label = self.items[(index + step) % len(self.items)]
             try:
                 with open(path, "rb") as f:
-                    image = open_image(f.read()).convert("RGB")
+                    image = to_rgb(open_image(f.read()))
             except (OSError, CorruptSampleError) as exc:
                 self.counter.bad(path, path, str(exc))
                 continue

@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from tqdm.auto import tqdm
 from webdataset import TarWriter
 
-from ssl_vit.data.decode import FORMAT_KEYS, CorruptSampleError, open_image
+from ssl_vit.data.decode import FORMAT_KEYS, CorruptSampleError, open_image, to_rgb
 from ssl_vit.data.listing import list_images, warn_empty_classes
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,15 @@ TMP_SUFFIX = ".tmp"
 
 
 def read_checked(path: str) -> Tuple[Optional[bytes], str]:
-    """``(bytes, ext)`` of a readable JPEG/PNG/WEBP file, else ``(None, reason)``."""
+    """``(bytes, ext)`` of a readable JPEG/PNG/WEBP file that :func:`to_rgb` converts, else ``(None, reason)``.
+
+    The bytes are kept as they are: the EXIF orientation is applied when training decodes them."""
     try:
         with open(path, "rb") as f:
             data = f.read()
-        return data, FORMAT_KEYS[open_image(data).format]
+        image = open_image(data)
+        to_rgb(image)  # a mode training could not convert is refused here, by name
+        return data, FORMAT_KEYS[image.format]
     except (OSError, CorruptSampleError) as exc:
         return None, str(exc)
 
