@@ -252,7 +252,7 @@ class _ImageFiles(Dataset):
 
     def __init__(self, root: str, max_corrupt_fraction: float, transform: Optional[Callable] = None) -> None:
         self.root, self.transform = root, transform
-        listing = list_images(root, "folders")
+        listing = list_images(root)
         self.classes, self.items = listing.classes, listing.items
         if not self.items:
             raise ValueError(f"no files under {root!r}")
@@ -287,7 +287,9 @@ class _ImageFiles(Dataset):
 
 
 class ImageFolderDataModule(_BaseDataModule):
-    """The same interface over ImageFolder trees (``root/<class>/<image>``), for data not yet sharded.
+    """The same interface over ImageFolder trees (``root/<class>/<image>``), for data not yet sharded;
+    a folder with images and no sub-folder at its top level is read unlabelled (label -1, recursively:
+    :func:`ssl_vit.data.listing.list_images`).
 
     Files that cannot be decoded (JPEG/PNG/WEBP only, as in the shards) are logged, counted and
     replaced by the next readable file; ``max_corrupt_fraction`` applies per DataLoader worker, checked

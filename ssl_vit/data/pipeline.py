@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 
 # -- the stream -----------------------------------------------------------------------------------
-def _read_shard(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+def read_shard(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Dict[str, Any]]:
     """Raw samples ``start:stop`` of one shard (suffix -> bytes, plus ``__key__``/``__url__``)."""
     try:
         stream = gopen(url, "rb")
@@ -179,7 +179,7 @@ class ShardStream(IterableDataset):
             lo = pos - offsets[i]
             take = min(counts[order[i]] - lo, count)
             url, read = self.info.urls[order[i]], 0
-            for sample in _read_shard(url, lo, lo + take):
+            for sample in read_shard(url, lo, lo + take):
                 read += 1
                 yield sample
             if read < take:  # a tar cut at a member boundary, or rewritten, ends early without an error
@@ -192,7 +192,7 @@ class ShardStream(IterableDataset):
 
     def _resampled(self, rng: random.Random) -> Iterator[Dict[str, Any]]:
         while True:
-            yield from _read_shard(rng.choice(self.info.urls))
+            yield from read_shard(rng.choice(self.info.urls))
 
     def _decoded(self, raw: Iterator[Dict[str, Any]], counter: CorruptCounter) -> Iterator[Tuple[Any, int]]:
         for sample in raw:

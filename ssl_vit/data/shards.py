@@ -1,9 +1,10 @@
-"""Convert an ImageFolder tree into webdataset shards plus the info JSON the DataModule reads.
+"""Convert a folder of images (ImageFolder, or unlabelled) into webdataset shards plus the info JSON
+the DataModule reads.
 
 Layout written into ``output_dir`` for split ``NAME``::
 
     NAME-000000.tar, NAME-000001.tar, ...   samples <key>.<ext> (the file's bytes, untouched)
-                                            and <key>.cls (class index, ASCII)
+                                            and <key>.cls (class index, ASCII; none when unlabelled)
     NAME.json                               {"num_samples", "shards", "shard_samples", "classes",
                                              "empty_classes", "skipped": [{"path", "reason"}], ...}
 
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from webdataset import TarWriter
 
 from ssl_vit.data.decode import FORMAT_KEYS, CorruptSampleError, open_image, to_rgb
-from ssl_vit.data.listing import list_images, warn_empty_classes
+from ssl_vit.data.listing import UNLABELLED, list_images, warn_empty_classes
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +83,12 @@ def write_shards(
     overwrite: bool = False,
     num_workers: int = 0,
     progress: bool = True,
+    labels: str = "auto",
 ) -> Dict[str, Any]:
-    """Write ``input_dir`` (ImageFolder) as shuffled webdataset shards and ``<split>.json``.
+    """Write ``input_dir`` as shuffled webdataset shards and ``<split>.json``.
 
     Args:
-        input_dir: ``input_dir/<class>/<image>`` tree.
+        input_dir: ``input_dir/<class>/<image>`` tree, or a flat or nested folder of unlabelled images.
         output_dir: where shards and JSON go (created if needed).
         split: shard name prefix (``train`` -> ``train-000000.tar``, ``train.json``).
         shard_size: samples per shard (>= 1).
@@ -94,6 +96,9 @@ def write_shards(
         overwrite: replace an existing split of the same name (else FileExistsError).
         num_workers: processes that read and check images (0: this process).
         progress: show a tqdm progress bar.
+        labels: ``"folders"`` (classes from the folders), ``"none"`` (unlabelled: no ``.cls``, no classes)
+            or ``"auto"``: unlabelled when ``input_dir`` holds image files and no folder at its top level
+            (:func:`ssl_vit.data.listing.list_images`).
 
     Returns:
         The info dict written to ``<split>.json``.
@@ -106,7 +111,7 @@ def write_shards(
         raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
     if not split or not re.fullmatch(r"[\w.-]+", split):
         raise ValueError(f"split name must be letters, digits, '_', '-' or '.', got {split!r}")
-    listing = list_images(input_dir, "folders")
+    listing = list_images(input_dir, labels)
     classes, items = listing.classes, listing.items
     if not items:
         raise ValueError(f"no files under {str(input_dir)!r}")
@@ -139,7 +144,10 @@ def write_shards(
                 tmp_paths.append(output_dir / f"{split}-{len(tmp_paths):06d}.tar{TMP_SUFFIX}")
                 writer = TarWriter(str(tmp_paths[-1]), encoder=False, mtime=0)  # int: no pax headers
                 shard_samples.append(0)
-            writer.write({"__key__": f"{written:08d}", ext: data, "cls": str(label).encode("ascii")})
+            sample = {"__key__": f"{written:08d}", ext: data}
+            if label != UNLABELLED:
+                sample["cls"] = str(label).encode("ascii")
+            writer.write(sample)
             shard_samples[-1] += 1
             written += 1
             labels_written.add(label)
