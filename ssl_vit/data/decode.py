@@ -10,7 +10,7 @@ import io
 import logging
 import warnings
 from collections import Counter
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Set, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -128,6 +128,9 @@ def wanted_member(name: str) -> bool:
 class CorruptCounter:
     """Counts decoded and corrupt samples of one reader and enforces ``max_fraction``.
 
+    Each corrupt sample counts (and is logged) once, however often the reader meets it: padding and
+    the replacements for corrupt samples wrap around the epoch and read some samples twice.
+
     Args:
         max_fraction: largest tolerated ``corrupt / seen``.
         where: the reader, for messages (``"rank 0 worker 1"``).
@@ -139,11 +142,15 @@ class CorruptCounter:
         self.seen = 0
         self.corrupt = 0
         self.by_source: Counter = Counter()
+        self._known: Set[Tuple[str, str]] = set()  # (source, key) of the corrupt samples met
 
     def good(self) -> None:
         self.seen += 1
 
     def bad(self, source: str, key: str, reason: str) -> None:
+        if (source, key) in self._known:
+            return
+        self._known.add((source, key))
         self.seen += 1
         self.corrupt += 1
         self.by_source[source] += 1

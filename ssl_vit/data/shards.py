@@ -23,6 +23,7 @@ Shards are written as ``NAME-000000.tar.tmp`` ... and renamed only once all are 
 is written last (atomically). A run that fails part-way removes its temporary files and leaves
 nothing that looks like a complete split.
 """
+import contextlib
 import json
 import logging
 import os
@@ -182,10 +183,16 @@ def write_shards(
         tmp_json.write_text(json.dumps(info, indent=1))
         os.replace(tmp_json, output_dir / f"{split}.json")
     except BaseException:
+        # The first error is the one to report: on a full disk the close fails too, and must neither
+        # replace it nor stop the temporary files from being removed.
         if writer is not None:
-            writer.close()
+            with contextlib.suppress(Exception):
+                writer.close()
+            with contextlib.suppress(Exception):
+                writer.own_fileobj.close()  # left open when the tar's own close failed
         for tmp in [*tmp_paths, output_dir / f"{split}.json{TMP_SUFFIX}"]:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         raise
     finally:
         bar.close()
