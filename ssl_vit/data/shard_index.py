@@ -81,7 +81,9 @@ def index_shards(shards: str, info: Optional[str] = None, overwrite: bool = Fals
     classes = [] if None in labels else [str(i) for i in range(max(max(l, default=-1) for l in labels) + 1)]
     imageless = sum(c["imageless"] for c in counts)
     if imageless:
-        logger.warning("%d sample(s) of %s have no image member: the stream will skip them as corrupt", imageless, shards)
+        logger.warning(
+            "%d sample(s) of %s have no image member: the stream will skip them as corrupt", imageless, shards
+        )
     meta = {
         "num_samples": sum(c["samples"] for c in counts),
         "shards": names,

@@ -24,8 +24,8 @@ def test_loop_back_to_the_parent_lists_each_file_once(looped, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ssl_vit.data.listing"):
         listing = list_images(looped)
     assert sorted(listing.items) == [(str(looped / f"c{c:03d}" / f"{j:03d}.jpg"), c) for c in (0, 1) for j in (0, 1)]
-    assert listing.skipped == [{"path": str(looped / "c000" / "up"),
-                                "reason": f"link to {looped.resolve()}, inside the tree (a loop, or files listed where they are)"}]
+    reason = f"link to {looped.resolve()}, inside the tree (a loop, or files listed where they are)"
+    assert listing.skipped == [{"path": str(looped / "c000" / "up"), "reason": reason}]
     assert "1 link(s) not followed" in caplog.text and str(looped / "c000" / "up") in caplog.text
 
     info = write_shards(looped, tmp_path / "out", "train", 8, progress=False)

@@ -39,11 +39,13 @@ def all_labels(module: ShardDataModule) -> list:
 
 
 def test_flat_folder_is_written_unlabelled_and_streams_with_label_minus_one(tmp_path, image_bytes):
-    info = write_shards(photos(tmp_path / "flat", image_bytes, nested=False), tmp_path / "out", "train", 4, progress=False)
+    flat = photos(tmp_path / "flat", image_bytes, nested=False)
+    info = write_shards(flat, tmp_path / "out", "train", 4, progress=False)
     assert info["num_samples"] == 6 and info["classes"] == [] and info["shard_samples"] == [4, 2]
     assert members(tmp_path / "out" / "train-000000.tar") == ["jpg"] * 4  # no .cls
     pattern = str(tmp_path / "out" / "train-{000000..000001}.tar")
-    module = ShardDataModule(pattern, val=pattern, batch_size=2, num_workers=0, val_transform=TO_TENSOR, pin_memory=False)
+    module = ShardDataModule(pattern, val=pattern, batch_size=2, num_workers=0, val_transform=TO_TENSOR,
+                             pin_memory=False)
     assert module.num_classes == 0 and all_labels(module) == [-1] * 6
 
 
@@ -102,7 +104,8 @@ def test_index_shards_lets_foreign_shards_stream(tmp_path, image_bytes, capsys):
         ShardDataModule(pattern, batch_size=2).setup()
     with pytest.raises(ValueError, match="pass the info JSON path explicitly"):
         index_shards(pattern, progress=False)  # no NAME- prefix to derive NAME.json from
-    assert index_shards_main(["--shards", pattern, "--output", str(tmp_path / "web" / "web.json"), "--no-progress"]) == 0
+    output = str(tmp_path / "web" / "web.json")
+    assert index_shards_main(["--shards", pattern, "--output", output, "--no-progress"]) == 0
     assert "6 samples in 2 shards, no classes" in capsys.readouterr().out
     module = ShardDataModule(pattern, val=pattern, train_info=str(tmp_path / "web" / "web.json"),
                              val_info=str(tmp_path / "web" / "web.json"), batch_size=2, num_workers=0,
@@ -116,7 +119,8 @@ def test_index_shards_lets_foreign_shards_stream(tmp_path, image_bytes, capsys):
     assert index_shards(pattern, progress=False) == str(tmp_path / "lab" / "set.json")
     meta = json.loads((tmp_path / "lab" / "set.json").read_text())
     assert meta["shard_samples"] == [4, 4] and meta["classes"] == ["0", "1", "2"]
-    module = ShardDataModule(pattern, val=pattern, batch_size=2, num_workers=0, val_transform=TO_TENSOR, pin_memory=False)
+    module = ShardDataModule(pattern, val=pattern, batch_size=2, num_workers=0, val_transform=TO_TENSOR,
+                             pin_memory=False)
     assert all_labels(module) == [n % 3 for n in range(8)]
     assert index_shards_main(["--shards", pattern, "--no-progress"]) == 2
     assert "set.json already exists" in capsys.readouterr().err
