@@ -1,6 +1,8 @@
 """Data: webdataset shards (writer and streaming DataModule), ImageFolder DataModule, transforms.
 
     write_shards("cifar10/train", "shards", "train", shard_size=5000)      # or tools/make_shards.py
+    write_shards("photos", "shards", "train", shard_size=1000, labels="none")  # unlabelled, nested
+    index_shards("web/train-{000000..000099}.tar")     # web/train.json for shards written elsewhere
     dm = ShardDataModule("shards/train-{000000..000009}.tar", batch_size=256,
                          train_transform=PretrainTransform(size=32))
 
@@ -15,6 +17,7 @@ _EXPORTS = {
     "PretrainTransform": "ssl_vit.data.transforms",
     "EvalTransform": "ssl_vit.data.transforms",
     "write_shards": "ssl_vit.data.shards",
+    "index_shards": "ssl_vit.data.shard_index",
     "export_digits": "ssl_vit.data.digits",
 }
 

@@ -30,11 +30,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
-from ssl_vit.data.decode import MIN_CHECKED_SAMPLES, CorruptCounter, CorruptSampleError, open_image
+from ssl_vit.data.decode import MIN_CHECKED_SAMPLES, CorruptCounter, CorruptSampleError, open_image, to_rgb
+from ssl_vit.data.listing import list_images
 from ssl_vit.data.pipeline import ShardStream
 from ssl_vit.data.resume import ResumableLoader, ResumableSampler, call_seeded, sample_seed
 from ssl_vit.data.shard_info import ShardInfo, load_shard_info
-from ssl_vit.data.shards import list_image_folder
 from ssl_vit.data.transforms import EvalTransform, PretrainTransform
 
 logger = logging.getLogger(__name__)
@@ -252,9 +252,10 @@ class _ImageFiles(Dataset):
 
     def __init__(self, root: str, max_corrupt_fraction: float, transform: Optional[Callable] = None) -> None:
         self.root, self.transform = root, transform
-        self.classes, self.items = list_image_folder(root)
+        listing = list_images(root)
+        self.classes, self.items = listing.classes, listing.items
         if not self.items:
-            raise ValueError(f"no files under the class folders of {root!r}")
+            raise ValueError(f"no files under {root!r}")
         self.max_corrupt_fraction, self.min_checked = max_corrupt_fraction, MIN_CHECKED_SAMPLES
         self.counter: Optional[CorruptCounter] = None  # one per process (each worker has its copy)
         self.seed: Optional[int] = None
@@ -272,7 +273,7 @@ class _ImageFiles(Dataset):
             path, label = self.items[(index + step) % len(self.items)]
             try:
                 with open(path, "rb") as f:
-                    image = open_image(f.read()).convert("RGB")
+                    image = to_rgb(open_image(f.read()))
             except (OSError, CorruptSampleError) as exc:
                 self.counter.bad(path, path, str(exc))
                 continue
@@ -286,7 +287,9 @@ class _ImageFiles(Dataset):
 
 
 class ImageFolderDataModule(_BaseDataModule):
-    """The same interface over ImageFolder trees (``root/<class>/<image>``), for data not yet sharded.
+    """The same interface over ImageFolder trees (``root/<class>/<image>``), for data not yet sharded;
+    a folder with images and no sub-folder at its top level is read unlabelled (label -1, recursively:
+    :func:`ssl_vit.data.listing.list_images`).
 
     Files that cannot be decoded (JPEG/PNG/WEBP only, as in the shards) are logged, counted and
     replaced by the next readable file; ``max_corrupt_fraction`` applies per DataLoader worker, checked

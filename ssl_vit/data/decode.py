@@ -3,15 +3,17 @@
 Only the members a sample needs are read out of a tar (``.jpg``/``.jpeg``/``.png``/``.webp`` and
 ``.cls``; anything else, a ``.pyd`` pickle included, is skipped by name before its bytes are read:
 :func:`wanted_member`); images are decoded by PIL restricted to the JPEG, PNG and WEBP decoders, and
-no pickle-based decoder ever runs.
+no pickle-based decoder ever runs. :func:`to_rgb` turns every decoded image into the 8-bit RGB the
+transforms take, in one way for training, the shard writer and the attention tools.
 """
 import io
 import logging
 import warnings
 from collections import Counter
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Set, Tuple
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 from webdataset.tariterators import base_plus_ext
 
 logger = logging.getLogger("ssl_vit.data.pipeline")
@@ -55,6 +57,47 @@ def open_image(data: bytes) -> Image.Image:
     return image
 
 
+# Modes whose convert("RGB") keeps the full range and the colours (alpha, if any, is dropped, as
+# torchvision's ImageFolder loader does). LAB is not here: PIL converts it to RGB by copying bands.
+_CONVERTIBLE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "HSV"}
+_SIXTEEN_BIT_MAX = 65535
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``image``, upright (its EXIF orientation applied).
+
+    16-bit modes (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``; a 16-bit grayscale PNG) are scaled by
+    255 / 65535 (rounded), so white stays white and nothing clips (``convert("RGB")`` clips them to
+    all 255). Mode ``I`` (32-bit integers) is read the same way, as 16-bit values, which is what PIL
+    holds in it for 16-bit files; values outside ``[0, 65535]`` are refused. ``F`` (floating point)
+    has no agreed range and is refused, as are the modes PIL cannot convert correctly (``LAB``...).
+
+    Raises:
+        CorruptSampleError: a refused mode, named in the message.
+    """
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        pixels = np.asarray(image).astype(np.int64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > _SIXTEEN_BIT_MAX):
+            raise CorruptSampleError(
+                f"image mode {mode!r} with values in [{pixels.min()}, {pixels.max()}], outside the 16-bit range "
+                f"[0, {_SIXTEEN_BIT_MAX}]: convert it to 8 or 16 bits first"
+            )
+        gray = (pixels * 255 + _SIXTEEN_BIT_MAX // 2) // _SIXTEEN_BIT_MAX
+        return Image.fromarray(gray.astype(np.uint8), "L").convert("RGB")
+    if mode not in _CONVERTIBLE_MODES:
+        raise CorruptSampleError(
+            f"image mode {mode!r} cannot be converted to 8-bit RGB faithfully (supported: 16-bit and "
+            f"{', '.join(sorted(_CONVERTIBLE_MODES))}): convert the file first"
+        )
+    if mode in ("P", "PA"):  # through RGBA, so that a palette with transparency converts without a warning
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
 def decode_label(data: bytes, num_classes: int = 0) -> int:
     """ASCII integer class index; checked against ``num_classes`` when that is known (> 0)."""
     try:
@@ -71,7 +114,7 @@ def decode_sample(sample: Dict[str, Any], num_classes: int = 0) -> Tuple[Image.I
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise CorruptSampleError(f"no image member ({'/'.join('.' + k for k in IMAGE_KEYS)})")
-    image = open_image(sample[key]).convert("RGB")
+    image = to_rgb(open_image(sample[key]))
     label = decode_label(sample[LABEL_KEY], num_classes) if LABEL_KEY in sample else -1
     return image, label
 
@@ -85,6 +128,9 @@ def wanted_member(name: str) -> bool:
 class CorruptCounter:
     """Counts decoded and corrupt samples of one reader and enforces ``max_fraction``.
 
+    Each corrupt sample counts (and is logged) once, however often the reader meets it: padding and
+    the replacements for corrupt samples wrap around the epoch and read some samples twice.
+
     Args:
         max_fraction: largest tolerated ``corrupt / seen``.
         where: the reader, for messages (``"rank 0 worker 1"``).
@@ -96,11 +142,15 @@ class CorruptCounter:
         self.seen = 0
         self.corrupt = 0
         self.by_source: Counter = Counter()
+        self._known: Set[Tuple[str, str]] = set()  # (source, key) of the corrupt samples met
 
     def good(self) -> None:
         self.seen += 1
 
     def bad(self, source: str, key: str, reason: str) -> None:
+        if (source, key) in self._known:
+            return
+        self._known.add((source, key))
         self.seen += 1
         self.corrupt += 1
         self.by_source[source] += 1

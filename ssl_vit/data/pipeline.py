@@ -27,7 +27,8 @@ hold. The fraction is evaluated per reader (one DataLoader worker of one rank) o
 decoded in the current epoch: after each corrupt sample once at least ``min_checked`` (100) samples
 were decoded, and at the end of the reader's epoch whatever the count (a small epoch is judged
 whole). Past ``max_corrupt_fraction`` the reader raises :class:`CorruptDataError` naming the shards.
-A shard that cannot be opened or read as a tar raises :class:`ShardReadError` naming it.
+A shard that cannot be opened or read as a tar raises :class:`ShardReadError` naming it, as does one
+that holds fewer or more samples than the info JSON says (a stale JSON), with both counts.
 
 **Resuming part-way** (``set_epoch(epoch, skip_batches)``, see :mod:`ssl_vit.data.resume`). The
 DataLoader takes whole batches from its ``W`` workers in turn (batch ``i`` from worker ``i % W``) and
@@ -64,7 +65,7 @@ logger = logging.getLogger(__name__)
 
 
 # -- the stream -----------------------------------------------------------------------------------
-def _read_shard(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+def read_shard(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Dict[str, Any]]:
     """Raw samples ``start:stop`` of one shard (suffix -> bytes, plus ``__key__``/``__url__``)."""
     try:
         stream = gopen(url, "rb")
@@ -179,9 +180,20 @@ class ShardStream(IterableDataset):
             lo = pos - offsets[i]
             take = min(counts[order[i]] - lo, count)
             url, read = self.info.urls[order[i]], 0
-            for sample in _read_shard(url, lo, lo + take):
+            # Reaching the shard's end, read one sample more: a shard holding more than the JSON says
+            # would silently lose the rest every epoch. The last sample waits until that is known.
+            at_end = lo + take == counts[order[i]]
+            pending = None
+            for sample in read_shard(url, lo, lo + take + int(at_end)):
                 read += 1
+                if read > take:
+                    raise ShardReadError(self._stale_message(url, counts[order[i]]))
+                if at_end and read == take:
+                    pending = sample
+                    continue
                 yield sample
+            if pending is not None:
+                yield pending
             if read < take:  # a tar cut at a member boundary, or rewritten, ends early without an error
                 raise ShardReadError(
                     f"shard {url} ended after {lo + read} samples, but {self.info.info_path} says it holds "
@@ -190,9 +202,20 @@ class ShardStream(IterableDataset):
             count -= take
             pos = (pos + take) % n
 
+    def _stale_message(self, url: str, expected: int) -> str:
+        try:
+            held = str(sum(1 for _ in read_shard(url)))
+        except ShardReadError:
+            held = f"at least {expected + 1}"
+        return (
+            f"shard {url} holds {held} samples, but {self.info.info_path} says {expected}: the JSON is stale "
+            "and the rest would be skipped every epoch; write it again (tools/make_shards.py, or "
+            "tools/index_shards.py --overwrite for shards written elsewhere)"
+        )
+
     def _resampled(self, rng: random.Random) -> Iterator[Dict[str, Any]]:
         while True:
-            yield from _read_shard(rng.choice(self.info.urls))
+            yield from read_shard(rng.choice(self.info.urls))
 
     def _decoded(self, raw: Iterator[Dict[str, Any]], counter: CorruptCounter) -> Iterator[Tuple[Any, int]]:
         for sample in raw:

@@ -39,7 +39,10 @@ def default_info_path(url: str) -> str:
         raise ValueError(f"cannot derive the info JSON location from the pipe: URL {url!r}; pass it explicitly")
     dirname, basename = posixpath.split(url)
     if "-" not in basename:
-        raise ValueError(f"shard name {basename!r} is not NAME-INDEX.tar; pass the info JSON path explicitly")
+        raise ValueError(
+            f"shard name {basename!r} is not NAME-INDEX.tar; pass the info JSON path explicitly "
+            "(write one for shards from elsewhere with tools/index_shards.py --output)"
+        )
     return posixpath.join(dirname, basename.rsplit("-", 1)[0] + ".json")
 
 
@@ -98,7 +101,8 @@ def load_shard_info(shards: str, info: Optional[str] = None) -> ShardInfo:
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(
             f"cannot read the shard info JSON {info_path!r} ({exc}); it is written beside the shards by "
-            "tools/make_shards.py, or pass its path as train_info/val_info"
+            "tools/make_shards.py (tools/index_shards.py for shards written elsewhere), or pass its path as "
+            "train_info/val_info"
         ) from exc
     for key, kind in (("num_samples", int), ("shards", list)):
         if not isinstance(meta.get(key), kind):

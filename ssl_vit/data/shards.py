@@ -1,11 +1,12 @@
-"""Convert an ImageFolder tree into webdataset shards plus the info JSON the DataModule reads.
+"""Convert a folder of images (ImageFolder, or unlabelled) into webdataset shards plus the info JSON
+the DataModule reads.
 
 Layout written into ``output_dir`` for split ``NAME``::
 
     NAME-000000.tar, NAME-000001.tar, ...   samples <key>.<ext> (the file's bytes, untouched)
-                                            and <key>.cls (class index, ASCII)
+                                            and <key>.cls (class index, ASCII; none when unlabelled)
     NAME.json                               {"num_samples", "shards", "shard_samples", "classes",
-                                             "skipped": [{"path", "reason"}], ...}
+                                             "empty_classes", "skipped": [{"path", "reason"}], ...}
 
 ``<ext>`` is the format PIL detects in the bytes (``jpg`` for JPEG, ``png``, ``webp``), so the key
 always tells the truth about the stored bytes whatever the file was called. Keys are the running
@@ -13,12 +14,16 @@ sample index (``00000000``...). Samples are shuffled across shards by ``seed`` (
 sorted first, so the result depends on the seed only); every shard holds ``shard_size`` samples but
 the last.
 
-Every file under a class folder (recursively, hidden files skipped) is decoded fully with the same
-restricted decoder the pipeline uses; files that fail are listed in ``skipped`` and left out.
+The files are those :func:`ssl_vit.data.listing.list_images` lists (each real file once; links that
+loop or lead back into the tree are listed in ``skipped``, with the reason). Each is decoded fully
+with the same restricted decoder the pipeline uses; files that fail are listed in ``skipped`` and left
+out. Class folders without a readable image stay classes (indices are stable) and are named in
+``empty_classes`` and in a warning.
 Shards are written as ``NAME-000000.tar.tmp`` ... and renamed only once all are written; the JSON
 is written last (atomically). A run that fails part-way removes its temporary files and leaves
 nothing that looks like a complete split.
 """
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +36,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from tqdm.auto import tqdm
 from webdataset import TarWriter
 
-from ssl_vit.data.decode import FORMAT_KEYS, CorruptSampleError, open_image
+from ssl_vit.data.decode import FORMAT_KEYS, CorruptSampleError, open_image, to_rgb
+from ssl_vit.data.listing import UNLABELLED, list_images, warn_empty_classes
 
 logger = logging.getLogger(__name__)
 
@@ -39,34 +45,16 @@ PathLike = Union[str, os.PathLike]
 TMP_SUFFIX = ".tmp"
 
 
-def list_image_folder(root: PathLike) -> Tuple[List[str], List[Tuple[str, int]]]:
-    """Class names (sorted sub-folders of ``root``) and ``(path, class index)`` of every file in them.
-
-    Hidden entries (``.name``) are ignored. Raises FileNotFoundError / NotADirectoryError /
-    ValueError for a missing root or one without class folders.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"input directory {str(root)!r} does not exist")
-    if not root.is_dir():
-        raise NotADirectoryError(f"input {str(root)!r} is not a directory")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise ValueError(f"no class folders in {str(root)!r}: expected the ImageFolder layout DIR/<class>/<image>")
-    items = []
-    for index, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            items += [(os.path.join(dirpath, f), index) for f in sorted(filenames) if not f.startswith(".")]
-    return classes, items
-
-
 def read_checked(path: str) -> Tuple[Optional[bytes], str]:
-    """``(bytes, ext)`` of a readable JPEG/PNG/WEBP file, else ``(None, reason)``."""
+    """``(bytes, ext)`` of a readable JPEG/PNG/WEBP file that :func:`to_rgb` converts, else ``(None, reason)``.
+
+    The bytes are kept as they are: the EXIF orientation is applied when training decodes them."""
     try:
         with open(path, "rb") as f:
             data = f.read()
-        return data, FORMAT_KEYS[open_image(data).format]
+        image = open_image(data)
+        to_rgb(image)  # a mode training could not convert is refused here, by name
+        return data, FORMAT_KEYS[image.format]
     except (OSError, CorruptSampleError) as exc:
         return None, str(exc)
 
@@ -96,11 +84,12 @@ def write_shards(
     overwrite: bool = False,
     num_workers: int = 0,
     progress: bool = True,
+    labels: str = "auto",
 ) -> Dict[str, Any]:
-    """Write ``input_dir`` (ImageFolder) as shuffled webdataset shards and ``<split>.json``.
+    """Write ``input_dir`` as shuffled webdataset shards and ``<split>.json``.
 
     Args:
-        input_dir: ``input_dir/<class>/<image>`` tree.
+        input_dir: ``input_dir/<class>/<image>`` tree, or a flat or nested folder of unlabelled images.
         output_dir: where shards and JSON go (created if needed).
         split: shard name prefix (``train`` -> ``train-000000.tar``, ``train.json``).
         shard_size: samples per shard (>= 1).
@@ -108,6 +97,9 @@ def write_shards(
         overwrite: replace an existing split of the same name (else FileExistsError).
         num_workers: processes that read and check images (0: this process).
         progress: show a tqdm progress bar.
+        labels: ``"folders"`` (classes from the folders), ``"none"`` (unlabelled: no ``.cls``, no classes)
+            or ``"auto"``: unlabelled when ``input_dir`` holds image files and no folder at its top level
+            (:func:`ssl_vit.data.listing.list_images`).
 
     Returns:
         The info dict written to ``<split>.json``.
@@ -120,9 +112,10 @@ def write_shards(
         raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
     if not split or not re.fullmatch(r"[\w.-]+", split):
         raise ValueError(f"split name must be letters, digits, '_', '-' or '.', got {split!r}")
-    classes, items = list_image_folder(input_dir)
+    listing = list_images(input_dir, labels)
+    classes, items = listing.classes, listing.items
     if not items:
-        raise ValueError(f"no files under the class folders of {str(input_dir)!r}")
+        raise ValueError(f"no files under {str(input_dir)!r}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     old = _existing(output_dir, split)
@@ -134,9 +127,10 @@ def write_shards(
 
     tmp_paths: List[Path] = []
     shard_samples: List[int] = []
-    skipped: List[Dict[str, str]] = []
+    skipped: List[Dict[str, str]] = list(listing.skipped)
     writer: Optional[TarWriter] = None
     written = 0
+    labels_written = set()
     bar = tqdm(total=len(items), desc=f"{split} shards", unit="img", disable=not progress)
     try:
         for (path, label), (data, ext) in zip(items, _checked(items, num_workers)):
@@ -151,14 +145,21 @@ def write_shards(
                 tmp_paths.append(output_dir / f"{split}-{len(tmp_paths):06d}.tar{TMP_SUFFIX}")
                 writer = TarWriter(str(tmp_paths[-1]), encoder=False, mtime=0)  # int: no pax headers
                 shard_samples.append(0)
-            writer.write({"__key__": f"{written:08d}", ext: data, "cls": str(label).encode("ascii")})
+            sample = {"__key__": f"{written:08d}", ext: data}
+            if label != UNLABELLED:
+                sample["cls"] = str(label).encode("ascii")
+            writer.write(sample)
             shard_samples[-1] += 1
             written += 1
+            labels_written.add(label)
         if writer is not None:
             writer.close()
             writer = None
         if not tmp_paths:
             raise ValueError(f"no readable image under {str(input_dir)!r} ({len(skipped)} files skipped)")
+        empty = [name for index, name in enumerate(classes) if index not in labels_written]
+        if set(empty) - set(listing.empty_classes):
+            warn_empty_classes(input_dir, empty, "no readable image")
         # Publish: drop the old JSON first so no moment shows an old JSON beside new shards.
         (output_dir / f"{split}.json").unlink(missing_ok=True)
         names = [p.name[: -len(TMP_SUFFIX)] for p in tmp_paths]
@@ -171,6 +172,7 @@ def write_shards(
             "shards": names,
             "shard_samples": shard_samples,
             "classes": classes,
+            "empty_classes": empty,
             "skipped": skipped,
             "split": split,
             "source": str(Path(input_dir).resolve()),
@@ -181,10 +183,16 @@ def write_shards(
         tmp_json.write_text(json.dumps(info, indent=1))
         os.replace(tmp_json, output_dir / f"{split}.json")
     except BaseException:
+        # The first error is the one to report: on a full disk the close fails too, and must neither
+        # replace it nor stop the temporary files from being removed.
         if writer is not None:
-            writer.close()
+            with contextlib.suppress(Exception):
+                writer.close()
+            with contextlib.suppress(Exception):
+                writer.own_fileobj.close()  # left open when the tar's own close failed
         for tmp in [*tmp_paths, output_dir / f"{split}.json{TMP_SUFFIX}"]:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         raise
     finally:
         bar.close()

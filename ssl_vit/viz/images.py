@@ -8,13 +8,13 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import webdataset as wds
-from PIL import Image, ImageOps
+from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms.v2 import functional as TF
 from webdataset.shardlists import expand_urls
 
 from ssl_vit.data.decode import IMAGE_KEYS as SHARD_IMAGE_KEYS
-from ssl_vit.data.decode import IMAGE_SUFFIXES, open_image
+from ssl_vit.data.decode import IMAGE_SUFFIXES, open_image, to_rgb
 
 PathLike = Union[str, Path]
 RESERVED_NAMES = {"index.html", "skipped.json", "jaccard.json"}
@@ -127,7 +127,7 @@ def oriented_size(image: Image.Image) -> Tuple[int, int]:
 
 def prepare_image(image: Image.Image, image_size: int, patch: int) -> torch.Tensor:
     """Resize (shorter side = ``image_size``) and center-crop to patch multiples: uint8 ``[3, H, W]``."""
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    image = to_rgb(image)
     size = resized_size(*image.size, image_size)
     image = TF.resize(image, list(size), antialias=True)
     return TF.pil_to_tensor(TF.center_crop(image, list(crop_size(*image.size, image_size, patch))))

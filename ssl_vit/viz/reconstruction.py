@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ssl_vit.checkpoints.io import PathLike
 from ssl_vit.checkpoints.mae import load_mae
-from ssl_vit.data.decode import IMAGE_SUFFIXES
+from ssl_vit.data.decode import IMAGE_SUFFIXES, CorruptSampleError, to_rgb
 from ssl_vit.data.transforms import EvalTransform
 from ssl_vit.models.patches import unpatchify
 
@@ -152,7 +152,8 @@ def load_images(
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> torch.Tensor:
-    """Read image files, resize the shorter side to ``size``, centre-crop, normalise.
+    """Read image files (upright, as 8-bit RGB: :func:`ssl_vit.data.decode.to_rgb`), resize the shorter side to
+    ``size``, centre-crop, normalise.
 
     Returns:
         ``[N, 3, size, size]`` float32.
@@ -162,8 +163,8 @@ def load_images(
     for file in files:
         try:
             with Image.open(file) as image:
-                images.append(transform(image.convert("RGB")))
-        except OSError as err:
+                images.append(transform(to_rgb(image)))
+        except (OSError, CorruptSampleError) as err:
             raise ValueError(f"cannot read image {file}: {err}") from err
     return torch.stack(images)
 

@@ -239,9 +239,10 @@ def test_too_many_corrupt_samples_raise_naming_the_shard(hostile_shard, num_work
 
 def test_corrupt_counter_waits_for_enough_samples():
     counter = CorruptCounter(max_fraction=0.1, where="test", min_checked=20)
-    for _ in range(5):
-        counter.bad("s.tar", "k", "bad")  # 5 of 5 corrupt: not judged yet
+    for i in range(5):
+        counter.bad("s.tar", f"k{i}", "bad")  # 5 of 5 corrupt: not judged yet
     for _ in range(14):
         counter.good()
+    counter.bad("s.tar", "k0", "bad")  # met again (a wrap-around): not counted twice
     with pytest.raises(CorruptDataError, match="6 of 20"):
-        counter.bad("s.tar", "k", "bad")  # the 20th sample: 6 / 20 > 0.1
+        counter.bad("s.tar", "k5", "bad")  # the 20th sample: 6 / 20 > 0.1

@@ -140,7 +140,7 @@ def test_bad_input_raises_with_clear_message(tmp_path, make_folder, image_bytes)
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "a.jpg").write_bytes(image_bytes(0))
     with pytest.raises(ValueError, match="no class folders"):
-        write_shards(tmp_path / "flat", tmp_path / "out", "train", 4, progress=False)
+        write_shards(tmp_path / "flat", tmp_path / "out", "train", 4, progress=False, labels="folders")
     make_folder(tmp_path / "src", [2])
     with pytest.raises(ValueError, match="shard_size"):
         write_shards(tmp_path / "src", tmp_path / "out", "train", 0, progress=False)
