@@ -1,7 +1,13 @@
-"""The LightningCLI behind `ssl-vit fit|validate|test|predict` (the apps add `ssl-vit demo`).
+"""The LightningCLI behind `ssl-vit fit|validate|predict` (the apps add `ssl-vit demo` and the rest).
 
-    ssl-vit fit --config recipes/mae/vit_base_patch16_in1k.yaml [--trainer.devices 8 ...]
-    ssl-vit validate --config recipes/probe/knn_cifar10.yaml
+    ssl-vit fit --config mae/vit_base_patch16_in1k [--trainer.devices 8 ...]
+    ssl-vit validate --config probe/knn_vit_small_patch4_cifar10.yaml
+    ssl-vit predict --config predict/features --model.weights last.ckpt --data.predict SHARDS
+
+``--config`` takes a file, or the name of a recipe shipped in the package (``ssl_vit.recipes``; a
+file that exists wins). ``test`` is not offered (no stage has a test split: the k-NN, probe and
+finetune stages report held-out accuracy under ``validate`` / ``fit``), nor are ``--optimizer`` and
+``--lr_scheduler``: each method builds its own optimiser and schedules from its arguments.
 
 The recipe names the LightningModule and DataModule by class path, unknown keys fail at start-up
 naming the key, and the resolved configuration is saved as ``config.yaml`` in the run directory.
@@ -23,12 +29,13 @@ the network.
 import copy
 import sys
 import warnings
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningCLI
 
+from ssl_vit.recipes import find_recipe
 from ssl_vit.training.checks import StartupChecks, check_resume_config
 from ssl_vit.training.nonfinite import NonFiniteGuard
 
@@ -38,6 +45,11 @@ class SSLViTCLI(LightningCLI):
     from the recipe's: LightningCLI replaces the recipe's model configuration by the checkpoint's
     hyperparameters, so a checkpoint of another method or architecture would otherwise silently
     replace the recipe's model."""
+
+    @staticmethod
+    def subcommands() -> Dict[str, Set[str]]:
+        """LightningCLI's subcommands less ``test``: no stage defines a test split or ``test_step``."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "test"}
 
     def init_parser(self, **kwargs: Any) -> Any:
         """Every parser refuses abbreviations: ``--trainer.max_step`` is an error, not ``max_steps``."""
@@ -57,7 +69,10 @@ class SSLViTCLI(LightningCLI):
         return trainer
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        super().parse_arguments(parser, args)
+        if args is None:  # LightningCLI's own parse of sys.argv, with the recipe names resolved
+            self.config = parser.parse_args(resolve_config_args(sys.argv[1:]))
+        else:
+            super().parse_arguments(parser, args if isinstance(args, dict) else resolve_config_args(args))
         self.command_line = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
         subcommand = self.config.get("subcommand")
         self.recipe_model = copy.deepcopy(self.config[subcommand].get("model")) if subcommand else None
@@ -77,6 +92,24 @@ class SSLViTCLI(LightningCLI):
                 print(f"ssl-vit: {trainer.get('precision')} asked for, but this device has no fast bf16: training "
                       f"in fp32 ({precision}); pass --trainer.precision to insist", file=sys.stderr)
                 trainer["precision"] = precision
+
+
+def resolve_config_args(args: Sequence[Any]) -> List[str]:
+    """``args`` with every ``--config NAME`` (or ``--config=NAME``) that names no file replaced by
+    the packaged recipe's path (:func:`ssl_vit.recipes.find_recipe`). Inline YAML (``--config
+    '{...}'``) passes unchanged."""
+    out = [str(a) for a in args]
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + _recipe_or_inline(arg[len("--config="):])
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = _recipe_or_inline(out[i + 1])
+    return out
+
+
+def _recipe_or_inline(value: str) -> str:
+    inline = any(c in value for c in "{}\n") or ": " in value
+    return value if inline else str(find_recipe(value))
 
 
 def has_fast_bf16(accelerator: Optional[str]) -> bool:
@@ -108,6 +141,7 @@ def run_lightning(args: Optional[List[str]] = None) -> LightningCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # the methods own their optimisers: no --optimizer / --lr_scheduler
         args=args,
     )
 

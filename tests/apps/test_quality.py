@@ -101,7 +101,7 @@ def test_reduced_chain_end_to_end(tmp_path, monkeypatch):
     # which results.json records
     (out / "mae_pretrain" / "result.json").unlink()
     broken = tmp_path / "broken.yaml"
-    broken.write_text((ROOT / "recipes/mae/vit_small_patch4_cifar10.yaml").read_text() + "not_a_key: 1\n")
+    broken.write_text((ROOT / "ssl_vit/recipes/mae/vit_small_patch4_cifar10.yaml").read_text() + "not_a_key: 1\n")
     with pytest.raises(StageError, match=r"stage 'mae_pretrain' failed with exit code \d+"):
         tool["main"](["--data", str(ARCHIVE), "--output", str(out), *REDUCED, "--resume", "--recipe", f"mae_pretrain={broken}"])
     failed = json.loads((out / "results.json").read_text())["failed"]
@@ -270,7 +270,7 @@ def _strings(tree):
 def test_overrides_move_every_path_of_the_benchmark_recipes(key, tmp_path):
     data = StageData(folders={"train": "/f/train", "test": "/f/test"}, shards={"train": "/s/train-{0..1}.tar", "val": "/s/val.tar"},
                      seed=3, device="cpu", workers=0, batch_size=8)
-    recipe = yaml.safe_load((ROOT / "recipes" / RECIPES[key]).read_text())
+    recipe = yaml.safe_load((ROOT / "ssl_vit" / "recipes" / RECIPES[key]).read_text())
     epochs = None if key.endswith("knn") else 30  # k-NN has no epochs
     merged = _merged(recipe, recipe_overrides(recipe, tmp_path / "stage", data, epochs=epochs))
     merged["model"]["init_args"].pop("weights", None)  # each evaluation stage sets it (a checkpoint, or null)
