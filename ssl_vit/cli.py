@@ -9,6 +9,10 @@ file that exists wins). ``test`` is not offered (no stage has a test split: the 
 finetune stages report held-out accuracy under ``validate`` / ``fit``), nor are ``--optimizer`` and
 ``--lr_scheduler``: each method builds its own optimiser and schedules from its arguments.
 
+Run folders follow ``trainer.default_root_dir``: in a recipe, ``${trainer.default_root_dir}`` in any
+string (a checkpoint ``dirpath``, a logger's ``save_dir``) is replaced by its value before anything
+is built, so ``--trainer.default_root_dir runs/try2`` moves checkpoints and logs together.
+
 The recipe names the LightningModule and DataModule by class path, unknown keys fail at start-up
 naming the key, and the resolved configuration is saved as ``config.yaml`` in the run directory.
 Two callbacks are always added, each configured by its own section of the recipe:
@@ -27,12 +31,14 @@ wandb follows its own ``WANDB_MODE`` (``offline`` writes a run to sync later); n
 the network.
 """
 import copy
+import os
 import sys
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Set
 
 import pytorch_lightning as pl
 import torch
+from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningCLI
 
 from ssl_vit.recipes import find_recipe
@@ -81,6 +87,7 @@ class SSLViTCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand is None:
             return
+        fill_root_dir(self.config[subcommand])
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if ckpt_path:
             check_resume_config(self.recipe_model, self.config[subcommand].get("model"), str(ckpt_path))
@@ -110,6 +117,30 @@ def resolve_config_args(args: Sequence[Any]) -> List[str]:
 def _recipe_or_inline(value: str) -> str:
     inline = any(c in value for c in "{}\n") or ": " in value
     return value if inline else str(find_recipe(value))
+
+
+ROOT_DIR = "${trainer.default_root_dir}"
+
+
+def fill_root_dir(section: Namespace) -> None:
+    """Replace ``${trainer.default_root_dir}`` in every string of a subcommand's configuration by the
+    trainer's ``default_root_dir`` (Lightning's default: the working directory), in place."""
+    root = str(section.get("trainer.default_root_dir") or os.getcwd())
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(ROOT_DIR, root)
+        if isinstance(value, Namespace):
+            for key, item in vars(value).items():
+                setattr(value, key, fill(item))
+            return value
+        if isinstance(value, dict):
+            return {key: fill(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [fill(item) for item in value]
+        return value
+
+    fill(section)
 
 
 def has_fast_bf16(accelerator: Optional[str]) -> bool:

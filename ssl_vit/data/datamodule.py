@@ -1,6 +1,10 @@
 """LightningDataModules: webdataset shards (:class:`ShardDataModule`) or an ImageFolder tree
 (:class:`ImageFolderDataModule`), with one interface and one small base.
 
+Splits: ``train`` (what the run trains on, labelled or not), ``val`` (held-out, labelled) and
+``eval_train`` (a labelled copy of the training data read like ``val``: the bank of the k-NN monitor,
+``ssl_vit.training.knn_monitor.KNNMonitor``), so every path a run reads is one ``--data.*`` option.
+
 Batches are ``(images, labels)``: ``images`` a float tensor ``[B, C, H, W]``, or a list of such
 tensors (one per view) when the transform returns a list; ``labels`` a LongTensor ``[B]`` (-1 where
 a shard has no ``.cls``). Both expose ``batch_size``, ``classes``, ``num_classes`` and
@@ -86,6 +90,14 @@ class _BaseDataModule(pl.LightningDataModule):
         """``(classes, number of training samples)``."""
         raise NotImplementedError
 
+    def classes_of(self, split: str) -> List[str]:
+        """Class names of ``split`` (``train``, ``val`` or ``eval_train``; empty when unlabelled)."""
+        raise NotImplementedError
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        """Every sample of ``split`` once, with the evaluation transform."""
+        raise NotImplementedError
+
     # -- shared ------------------------------------------------------------------------------------
     @property
     def classes(self) -> List[str]:
@@ -105,6 +117,18 @@ class _BaseDataModule(pl.LightningDataModule):
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
         return self._rank or 0, self._world_size or 1
+
+    def eval_train_dataloader(self) -> DataLoader:
+        """The ``eval_train`` split (the k-NN bank), read like ``val``: every sample once, evaluation transform.
+
+        Raises:
+            ValueError: no ``eval_train`` was given.
+        """
+        if self.eval_train is None:
+            raise ValueError(f"{type(self).__name__} has no eval_train split: give --data.eval_train (labelled "
+                             "images read with the evaluation transform, e.g. the training data again)")
+        self.setup()
+        return self._eval_loader("eval_train")
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch seeding the shuffle when no Trainer is attached."""
@@ -144,10 +168,15 @@ class _BaseDataModule(pl.LightningDataModule):
             worker_init_fn=_ignore_requeue_signal,
         )
 
-    @staticmethod
-    def _check_classes(train: List[str], val: List[str], where: str) -> None:
-        if train and val and train != val:
-            raise ValueError(f"the classes of the validation data {where} differ from the training classes")
+    def setup(self, stage: Optional[str] = None) -> None:
+        """List every given split and check that the labelled ones have the same classes."""
+        splits = {s: getattr(self, s) for s in ("train", "val", "eval_train") if getattr(self, s) is not None}
+        labelled = [(s, self.classes_of(s)) for s in splits]
+        labelled = [(s, classes) for s, classes in labelled if classes]
+        for split, classes in labelled[1:]:
+            if classes != labelled[0][1]:
+                raise ValueError(f"the classes of the {split} data ({splits[split]}) differ from those of the "
+                                 f"{labelled[0][0]} data ({splits[labelled[0][0]]})")
 
 
 class ShardDataModule(_BaseDataModule):
@@ -160,6 +189,9 @@ class ShardDataModule(_BaseDataModule):
         train_info: the training info JSON; default ``<dirname>/<NAME>.json`` of the first shard.
             Required for ``pipe:`` URLs.
         val_info: the same for ``val``.
+        eval_train: labelled shards read like ``val`` (every sample once, ``val_transform``): the bank
+            of the k-NN monitor. Often the training shards again.
+        eval_train_info: the same as ``train_info`` for ``eval_train``.
         batch_size: per-device batch size.
         num_workers: DataLoader workers per rank.
         train_transform: PIL image -> tensor or list of tensors (default ``PretrainTransform()``).
@@ -179,6 +211,8 @@ class ShardDataModule(_BaseDataModule):
         val: Optional[str] = None,
         train_info: Optional[str] = None,
         val_info: Optional[str] = None,
+        eval_train: Optional[str] = None,
+        eval_train_info: Optional[str] = None,
         batch_size: int = 64,
         num_workers: int = 4,
         train_transform: Optional[Callable] = None,
@@ -197,12 +231,14 @@ class ShardDataModule(_BaseDataModule):
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.train, self.val, self.train_info, self.val_info = train, val, train_info, val_info
+        self.eval_train, self.eval_train_info = eval_train, eval_train_info
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self._infos: dict = {}
 
     def _info(self, which: str) -> ShardInfo:
         if which not in self._infos:
-            shards, info = (self.train, self.train_info) if which == "train" else (self.val, self.val_info)
+            shards, info = {"train": (self.train, self.train_info), "val": (self.val, self.val_info),
+                            "eval_train": (self.eval_train, self.eval_train_info)}[which]
             self._infos[which] = load_shard_info(shards, info)
         return self._infos[which]
 
@@ -210,10 +246,8 @@ class ShardDataModule(_BaseDataModule):
         info = self._info("train")
         return info.classes, info.num_samples
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        self._info("train")
-        if self.val is not None:
-            self._check_classes(self.classes, self._info("val").classes, f"({self._info('val').info_path})")
+    def classes_of(self, split: str) -> List[str]:
+        return self._info(split).classes
 
     def _stream(self, which: str, train: bool) -> ShardStream:
         rank, world_size = self.dist_info()
@@ -229,7 +263,7 @@ class ShardDataModule(_BaseDataModule):
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer,
             max_corrupt_fraction=self.max_corrupt_fraction,
-            num_classes=self.num_classes,
+            num_classes=len(self.classes_of(which)),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -242,7 +276,10 @@ class ShardDataModule(_BaseDataModule):
         if self.val is None:
             return []
         self.setup()
-        return DataLoader(self._stream("val", train=False), **self._loader_kwargs())
+        return self._eval_loader("val")
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(self._stream(split, train=False), **self._loader_kwargs())
 
 
 class _ImageFiles(Dataset):
@@ -297,6 +334,7 @@ class ImageFolderDataModule(_BaseDataModule):
     Args:
         train: training ImageFolder root.
         val: validation ImageFolder root (optional).
+        eval_train: labelled ImageFolder root read like ``val``: the bank of the k-NN monitor.
         batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction,
         pin_memory, rank, world_size: as for :class:`ShardDataModule`.
     """
@@ -305,6 +343,7 @@ class ImageFolderDataModule(_BaseDataModule):
         self,
         train: str,
         val: Optional[str] = None,
+        eval_train: Optional[str] = None,
         batch_size: int = 64,
         num_workers: int = 4,
         train_transform: Optional[Callable] = None,
@@ -318,13 +357,13 @@ class ImageFolderDataModule(_BaseDataModule):
         super().__init__(
             batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction, pin_memory, rank, world_size
         )
-        self.train, self.val = train, val
+        self.train, self.val, self.eval_train = train, val, eval_train
         self._datasets: dict = {}
 
     def _dataset(self, which: str) -> _ImageFiles:
         if which not in self._datasets:
             _, world_size = self.dist_info()
-            dataset = _ImageFiles(self.train if which == "train" else self.val, self.max_corrupt_fraction)
+            dataset = _ImageFiles(getattr(self, which), self.max_corrupt_fraction)
             # A small epoch is judged whole: check once a worker has read its share of it.
             dataset.min_checked = min(MIN_CHECKED_SAMPLES, math.ceil(len(dataset) / (world_size * max(1, self.num_workers))))
             self._datasets[which] = dataset
@@ -334,10 +373,8 @@ class ImageFolderDataModule(_BaseDataModule):
         dataset = self._dataset("train")
         return dataset.classes, len(dataset)
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        self._dataset("train")
-        if self.val is not None:
-            self._check_classes(self.classes, self._dataset("val").classes, f"({self.val})")
+    def classes_of(self, split: str) -> List[str]:
+        return self._dataset(split).classes
 
     def _loader(self, which: str, train: bool) -> DataLoader:
         dataset = self._dataset(which)
@@ -371,3 +408,6 @@ class ImageFolderDataModule(_BaseDataModule):
             return []
         self.setup()
         return self._loader("val", train=False)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return self._loader(split, train=False)
