@@ -2,12 +2,14 @@
 
     ssl-vit fit --config mae/vit_base_patch16_in1k [--trainer.devices 8 ...]
     ssl-vit validate --config probe/knn_vit_small_patch4_cifar10.yaml
-    ssl-vit predict --config predict/features --model.weights last.ckpt --data.predict SHARDS
+    ssl-vit predict --config predict/features --ckpt_path last.ckpt --data.train SHARDS
 
 ``--config`` takes a file, or the name of a recipe shipped in the package (``ssl_vit.recipes``; a
 file that exists wins). ``test`` is not offered (no stage has a test split: the k-NN, probe and
 finetune stages report held-out accuracy under ``validate`` / ``fit``), nor are ``--optimizer`` and
 ``--lr_scheduler``: each method builds its own optimiser and schedules from its arguments.
+``predict`` writes features (``ssl_vit.methods.features``); its ``--ckpt_path`` takes any backbone file
+``load_backbone`` reads and becomes the extractor's ``--model.weights``.
 
 Run folders follow ``trainer.default_root_dir``: in a recipe, ``${trainer.default_root_dir}`` in any
 string (a checkpoint ``dirpath``, a logger's ``save_dir``) is replaced by its value before anything
@@ -81,6 +83,8 @@ class SSLViTCLI(LightningCLI):
             super().parse_arguments(parser, args if isinstance(args, dict) else resolve_config_args(args))
         self.command_line = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
         subcommand = self.config.get("subcommand")
+        if subcommand == "predict":
+            route_predict_checkpoint(self.config[subcommand])
         self.recipe_model = copy.deepcopy(self.config[subcommand].get("model")) if subcommand else None
 
     def before_instantiate_classes(self) -> None:
@@ -120,6 +124,23 @@ def _recipe_or_inline(value: str) -> str:
 
 
 ROOT_DIR = "${trainer.default_root_dir}"
+
+
+def route_predict_checkpoint(section: Namespace) -> None:
+    """``ssl-vit predict --ckpt_path FILE`` with a model that takes ``weights`` (the feature
+    extractor): FILE is the backbone to read, in any format ``load_backbone`` reads, not a Lightning
+    checkpoint of the extractor to restore, so it becomes ``model.init_args.weights``.
+
+    Raises:
+        ValueError: both ``--ckpt_path`` and ``--model.weights`` name a file.
+    """
+    ckpt, init_args = section.get("ckpt_path"), section.get("model.init_args")
+    if not ckpt or init_args is None or "weights" not in init_args:
+        return
+    if init_args.weights not in (None, str(ckpt)):
+        raise ValueError(f"predict: --ckpt_path {ckpt} and --model.weights {init_args.weights} both name the weights; "
+                         "give one")
+    init_args.weights, section.ckpt_path = str(ckpt), None
 
 
 def fill_root_dir(section: Namespace) -> None:
@@ -166,6 +187,9 @@ def run_lightning(args: Optional[List[str]] = None) -> LightningCLI:
     # DINO's device-side augmentation overrides on_after_batch_transfer on purpose; Lightning warns
     # whenever a module does so while a DataModule is used. Silenced for the command, not on import.
     warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
+    # The feature writer does not use the batch indices Lightning tracks for prediction writers (shards
+    # stream: there are none to infer); it keys rows by the samples' own keys.
+    warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices fetched from your dataloader.*")
     return SSLViTCLI(
         pl.LightningModule,
         pl.LightningDataModule,

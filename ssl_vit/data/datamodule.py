@@ -1,5 +1,5 @@
 """LightningDataModules: webdataset shards (:class:`ShardDataModule`) or an ImageFolder tree
-(:class:`ImageFolderDataModule`), with one interface and one small base.
+(:class:`ssl_vit.data.folders.ImageFolderDataModule`), with one interface and one small base.
 
 Splits: ``train`` (what the run trains on, labelled or not), ``val`` (held-out, labelled) and
 ``eval_train`` (a labelled copy of the training data read like ``val``: the bank of the k-NN monitor,
@@ -25,20 +25,17 @@ ranks and workers). Both are exact when the resumed run has the same batch size,
 (shards) and world size, and, for shards, when the skipped part held no corrupt sample.
 """
 import logging
-import math
 import signal
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 
-from ssl_vit.data.decode import MIN_CHECKED_SAMPLES, CorruptCounter, CorruptSampleError, open_image
 from ssl_vit.data.pipeline import ShardStream
-from ssl_vit.data.resume import ResumableLoader, ResumableSampler, call_seeded, sample_seed
+from ssl_vit.data.resume import ResumableLoader
 from ssl_vit.data.shard_info import ShardInfo, load_shard_info
-from ssl_vit.data.shards import list_image_folder
 from ssl_vit.data.transforms import EvalTransform, PretrainTransform
 
 logger = logging.getLogger(__name__)
@@ -94,9 +91,20 @@ class _BaseDataModule(pl.LightningDataModule):
         """Class names of ``split`` (``train``, ``val`` or ``eval_train``; empty when unlabelled)."""
         raise NotImplementedError
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        """Every sample of ``split`` once, with the evaluation transform."""
+    def _eval_loader(self, split: str, with_keys: bool = False) -> DataLoader:
+        """Every sample of ``split`` once, with the evaluation transform (``with_keys``: batches
+        ``(images, labels, keys)``, the key naming the sample in its shard or folder)."""
         raise NotImplementedError
+
+    @property
+    def predict_splits(self) -> List[str]:
+        """The splits ``ssl-vit predict`` embeds, in ``dataloader_idx`` order: ``train``, then ``val`` if given."""
+        return [split for split in ("train", "val") if getattr(self, split) is not None]
+
+    def predict_dataloader(self) -> List[DataLoader]:
+        """One loader per :attr:`predict_splits`: every sample once, evaluation transform, with keys."""
+        self.setup()
+        return [self._eval_loader(split, with_keys=True) for split in self.predict_splits]
 
     # -- shared ------------------------------------------------------------------------------------
     @property
@@ -249,7 +257,7 @@ class ShardDataModule(_BaseDataModule):
     def classes_of(self, split: str) -> List[str]:
         return self._info(split).classes
 
-    def _stream(self, which: str, train: bool) -> ShardStream:
+    def _stream(self, which: str, train: bool, with_keys: bool = False) -> ShardStream:
         rank, world_size = self.dist_info()
         return ShardStream(
             self._info(which),
@@ -264,6 +272,7 @@ class ShardDataModule(_BaseDataModule):
             shuffle_buffer=self.shuffle_buffer,
             max_corrupt_fraction=self.max_corrupt_fraction,
             num_classes=len(self.classes_of(which)),
+            with_keys=with_keys,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -278,136 +287,5 @@ class ShardDataModule(_BaseDataModule):
         self.setup()
         return self._eval_loader("val")
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self._stream(split, train=False), **self._loader_kwargs())
-
-
-class _ImageFiles(Dataset):
-    """``(transform(image), label)`` of an ImageFolder listing; an unreadable file is logged, counted
-    and replaced by the next readable one (so batches keep their size). With ``seed`` set (training),
-    the transform of index ``i`` runs seeded by ``(seed, epoch, i)``."""
-
-    def __init__(self, root: str, max_corrupt_fraction: float, transform: Optional[Callable] = None) -> None:
-        self.root, self.transform = root, transform
-        self.classes, self.items = list_image_folder(root)
-        if not self.items:
-            raise ValueError(f"no files under the class folders of {root!r}")
-        self.max_corrupt_fraction, self.min_checked = max_corrupt_fraction, MIN_CHECKED_SAMPLES
-        self.counter: Optional[CorruptCounter] = None  # one per process (each worker has its copy)
-        self.seed: Optional[int] = None
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> Tuple[Any, int]:
-        if self.counter is None:
-            info = torch.utils.data.get_worker_info()
-            where = f"{self.root} worker {0 if info is None else info.id}"
-            self.counter = CorruptCounter(self.max_corrupt_fraction, where, self.min_checked)
-        for step in range(len(self.items)):
-            path, label = self.items[(index + step) % len(self.items)]
-            try:
-                with open(path, "rb") as f:
-                    image = open_image(f.read()).convert("RGB")
-            except (OSError, CorruptSampleError) as exc:
-                self.counter.bad(path, path, str(exc))
-                continue
-            self.counter.good()
-            if self.transform is None:
-                return image, label
-            if self.seed is None:
-                return self.transform(image), label
-            return call_seeded(self.transform, image, sample_seed(self.seed, self.epoch, index)), label
-        raise RuntimeError(f"no readable image under {self.root!r}")
-
-
-class ImageFolderDataModule(_BaseDataModule):
-    """The same interface over ImageFolder trees (``root/<class>/<image>``), for data not yet sharded.
-
-    Files that cannot be decoded (JPEG/PNG/WEBP only, as in the shards) are logged, counted and
-    replaced by the next readable file; ``max_corrupt_fraction`` applies per DataLoader worker, checked
-    once it has read ``min(100, its share of the epoch)`` files. Training batches are full
-    (``drop_last``); the training order is ``DistributedSampler``'s (shuffled by ``seed + epoch``, on one
-    rank too), so an epoch's order depends on its number only.
-
-    Args:
-        train: training ImageFolder root.
-        val: validation ImageFolder root (optional).
-        eval_train: labelled ImageFolder root read like ``val``: the bank of the k-NN monitor.
-        batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction,
-        pin_memory, rank, world_size: as for :class:`ShardDataModule`.
-    """
-
-    def __init__(
-        self,
-        train: str,
-        val: Optional[str] = None,
-        eval_train: Optional[str] = None,
-        batch_size: int = 64,
-        num_workers: int = 4,
-        train_transform: Optional[Callable] = None,
-        val_transform: Optional[Callable] = None,
-        seed: int = 0,
-        max_corrupt_fraction: float = 0.01,
-        pin_memory: bool = True,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-    ) -> None:
-        super().__init__(
-            batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction, pin_memory, rank, world_size
-        )
-        self.train, self.val, self.eval_train = train, val, eval_train
-        self._datasets: dict = {}
-
-    def _dataset(self, which: str) -> _ImageFiles:
-        if which not in self._datasets:
-            _, world_size = self.dist_info()
-            dataset = _ImageFiles(getattr(self, which), self.max_corrupt_fraction)
-            # A small epoch is judged whole: check once a worker has read its share of it.
-            dataset.min_checked = min(MIN_CHECKED_SAMPLES, math.ceil(len(dataset) / (world_size * max(1, self.num_workers))))
-            self._datasets[which] = dataset
-        return self._datasets[which]
-
-    def _train_meta(self) -> Tuple[List[str], int]:
-        dataset = self._dataset("train")
-        return dataset.classes, len(dataset)
-
-    def classes_of(self, split: str) -> List[str]:
-        return self._dataset(split).classes
-
-    def _loader(self, which: str, train: bool) -> DataLoader:
-        dataset = self._dataset(which)
-        dataset.transform = self.train_transform if train else self.val_transform
-        dataset.seed = self.seed if train else None
-        rank, world_size = self.dist_info()
-        if not train:
-            sampler: Any = (
-                DistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1
-                else SequentialSampler(dataset)
-            )
-            return DataLoader(dataset, sampler=sampler, **self._loader_kwargs())
-        if math.ceil(len(dataset) / world_size) < self.batch_size:
-            raise ValueError(
-                f"{self.train!r} has {len(dataset)} images: fewer than one batch of {self.batch_size} per rank"
-            )
-        sampler = ResumableSampler(dataset, world_size, rank, shuffle=True, seed=self.seed)
-
-        def start(epoch: int, skip_batches: int) -> None:
-            sampler.set_epoch(epoch)
-            sampler.skip = skip_batches * self.batch_size
-            dataset.epoch = epoch
-
-        return self._train_loader(dataset, start, workers_matter=False, sampler=sampler, drop_last=True)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
-        if self.val is None:
-            return []
-        self.setup()
-        return self._loader("val", train=False)
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        return self._loader(split, train=False)
+    def _eval_loader(self, split: str, with_keys: bool = False) -> DataLoader:
+        return DataLoader(self._stream(split, train=False, with_keys=with_keys), **self._loader_kwargs())
