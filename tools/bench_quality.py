@@ -10,7 +10,7 @@ Writes OUTPUT/results.json, OUTPUT/results.md and OUTPUT/attention_gallery.png (
 """
 import sys
 
-from ssl_vit.apps.quality import command
+from ssl_vit.apps.quality import command, main  # noqa: F401 (main: for callers that run this file)
 
 if __name__ == "__main__":
     try:
