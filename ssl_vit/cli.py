@@ -1,7 +1,19 @@
-"""The LightningCLI behind `ssl-vit fit|validate|test|predict` (the apps add `ssl-vit demo`).
+"""The LightningCLI behind `ssl-vit fit|validate|predict` (the apps add `ssl-vit demo` and the rest).
 
-    ssl-vit fit --config recipes/mae/vit_base_patch16_in1k.yaml [--trainer.devices 8 ...]
-    ssl-vit validate --config recipes/probe/knn_cifar10.yaml
+    ssl-vit fit --config mae/vit_base_patch16_in1k [--trainer.devices 8 ...]
+    ssl-vit validate --config probe/knn_vit_small_patch4_cifar10.yaml
+    ssl-vit predict --config predict/features --ckpt_path last.ckpt --data.train SHARDS
+
+``--config`` takes a file, or the name of a recipe shipped in the package (``ssl_vit.recipes``; a
+file that exists wins). ``test`` is not offered (no stage has a test split: the k-NN, probe and
+finetune stages report held-out accuracy under ``validate`` / ``fit``), nor are ``--optimizer`` and
+``--lr_scheduler``: each method builds its own optimiser and schedules from its arguments.
+``predict`` writes features (``ssl_vit.methods.features``); its ``--ckpt_path`` takes any backbone file
+``load_backbone`` reads and becomes the extractor's ``--model.weights``.
+
+Run folders follow ``trainer.default_root_dir``: in a recipe, ``${trainer.default_root_dir}`` in any
+string (a checkpoint ``dirpath``, a logger's ``save_dir``) is replaced by its value before anything
+is built, so ``--trainer.default_root_dir runs/try2`` moves checkpoints and logs together.
 
 The recipe names the LightningModule and DataModule by class path, unknown keys fail at start-up
 naming the key, and the resolved configuration is saved as ``config.yaml`` in the run directory.
@@ -21,14 +33,17 @@ wandb follows its own ``WANDB_MODE`` (``offline`` writes a run to sync later); n
 the network.
 """
 import copy
+import os
 import sys
 import warnings
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 import pytorch_lightning as pl
 import torch
+from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningCLI
 
+from ssl_vit.recipes import find_recipe
 from ssl_vit.training.checks import StartupChecks, check_resume_config
 from ssl_vit.training.nonfinite import NonFiniteGuard
 
@@ -38,6 +53,11 @@ class SSLViTCLI(LightningCLI):
     from the recipe's: LightningCLI replaces the recipe's model configuration by the checkpoint's
     hyperparameters, so a checkpoint of another method or architecture would otherwise silently
     replace the recipe's model."""
+
+    @staticmethod
+    def subcommands() -> Dict[str, Set[str]]:
+        """LightningCLI's subcommands less ``test``: no stage defines a test split or ``test_step``."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "test"}
 
     def init_parser(self, **kwargs: Any) -> Any:
         """Every parser refuses abbreviations: ``--trainer.max_step`` is an error, not ``max_steps``."""
@@ -57,15 +77,21 @@ class SSLViTCLI(LightningCLI):
         return trainer
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        super().parse_arguments(parser, args)
+        if args is None:  # LightningCLI's own parse of sys.argv, with the recipe names resolved
+            self.config = parser.parse_args(resolve_config_args(sys.argv[1:]))
+        else:
+            super().parse_arguments(parser, args if isinstance(args, dict) else resolve_config_args(args))
         self.command_line = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
         subcommand = self.config.get("subcommand")
+        if subcommand == "predict":
+            route_predict_checkpoint(self.config[subcommand])
         self.recipe_model = copy.deepcopy(self.config[subcommand].get("model")) if subcommand else None
 
     def before_instantiate_classes(self) -> None:
         subcommand = self.config.get("subcommand")
         if subcommand is None:
             return
+        fill_root_dir(self.config[subcommand])
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if ckpt_path:
             check_resume_config(self.recipe_model, self.config[subcommand].get("model"), str(ckpt_path))
@@ -77,6 +103,65 @@ class SSLViTCLI(LightningCLI):
                 print(f"ssl-vit: {trainer.get('precision')} asked for, but this device has no fast bf16: training "
                       f"in fp32 ({precision}); pass --trainer.precision to insist", file=sys.stderr)
                 trainer["precision"] = precision
+
+
+def resolve_config_args(args: Sequence[Any]) -> List[str]:
+    """``args`` with every ``--config NAME`` (or ``--config=NAME``) that names no file replaced by
+    the packaged recipe's path (:func:`ssl_vit.recipes.find_recipe`). Inline YAML (``--config
+    '{...}'``) passes unchanged."""
+    out = [str(a) for a in args]
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + _recipe_or_inline(arg[len("--config="):])
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = _recipe_or_inline(out[i + 1])
+    return out
+
+
+def _recipe_or_inline(value: str) -> str:
+    inline = any(c in value for c in "{}\n") or ": " in value
+    return value if inline else str(find_recipe(value))
+
+
+ROOT_DIR = "${trainer.default_root_dir}"
+
+
+def route_predict_checkpoint(section: Namespace) -> None:
+    """``ssl-vit predict --ckpt_path FILE`` with a model that takes ``weights`` (the feature
+    extractor): FILE is the backbone to read, in any format ``load_backbone`` reads, not a Lightning
+    checkpoint of the extractor to restore, so it becomes ``model.init_args.weights``.
+
+    Raises:
+        ValueError: both ``--ckpt_path`` and ``--model.weights`` name a file.
+    """
+    ckpt, init_args = section.get("ckpt_path"), section.get("model.init_args")
+    if not ckpt or init_args is None or "weights" not in init_args:
+        return
+    if init_args.weights not in (None, str(ckpt)):
+        raise ValueError(f"predict: --ckpt_path {ckpt} and --model.weights {init_args.weights} both name the weights; "
+                         "give one")
+    init_args.weights, section.ckpt_path = str(ckpt), None
+
+
+def fill_root_dir(section: Namespace) -> None:
+    """Replace ``${trainer.default_root_dir}`` in every string of a subcommand's configuration by the
+    trainer's ``default_root_dir`` (Lightning's default: the working directory), in place."""
+    root = str(section.get("trainer.default_root_dir") or os.getcwd())
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(ROOT_DIR, root)
+        if isinstance(value, Namespace):
+            for key, item in vars(value).items():
+                setattr(value, key, fill(item))
+            return value
+        if isinstance(value, dict):
+            return {key: fill(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [fill(item) for item in value]
+        return value
+
+    fill(section)
 
 
 def has_fast_bf16(accelerator: Optional[str]) -> bool:
@@ -102,12 +187,16 @@ def run_lightning(args: Optional[List[str]] = None) -> LightningCLI:
     # DINO's device-side augmentation overrides on_after_batch_transfer on purpose; Lightning warns
     # whenever a module does so while a DataModule is used. Silenced for the command, not on import.
     warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
+    # The feature writer does not use the batch indices Lightning tracks for prediction writers (shards
+    # stream: there are none to infer); it keys rows by the samples' own keys.
+    warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices fetched from your dataloader.*")
     return SSLViTCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # the methods own their optimisers: no --optimizer / --lr_scheduler
         args=args,
     )
 

@@ -19,7 +19,7 @@ from ssl_vit.models.backbone import VIT_SIZES
 pytestmark = pytest.mark.slow  # trains through the CLI: `make test` only
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "recipes" / "smoke" / "dino.yaml")
+SMOKE = str(ROOT / "ssl_vit" / "recipes" / "smoke" / "dino.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_cli_checkpoint_loads_as_the_teacher_backbone(shards, tmp_path):
     torch.testing.assert_close(load_backbone(path)(x), load_backbone(path, role="teacher")(x))  # default
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes" / "dino").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", sorted((ROOT / "ssl_vit" / "recipes" / "dino").glob("*.yaml")), ids=lambda p: p.stem)
 def test_recipes_parse_strictly_and_follow_the_paper(recipe, capsys):
     with pytest.raises(SystemExit) as exit_info:  # LightningCLI validates every key, then exits
         cli_main(["fit", "--config", str(recipe), "--print_config"])

@@ -17,7 +17,7 @@ from ssl_vit.models.backbone import create_backbone
 pytestmark = pytest.mark.slow  # processes, CLI training or end-to-end chains: `make test` only
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes" / "probe").glob("*.yaml")) + sorted((ROOT / "recipes" / "finetune").glob("*.yaml"))
+RECIPES = [p for d in ("probe", "finetune") for p in sorted((ROOT / "ssl_vit" / "recipes" / d).glob("*.yaml"))]
 TINY = dict(embed_dim=32, depth=4, num_heads=2)  # 4 blocks: the DINO recipes read the last 4
 
 
@@ -37,7 +37,7 @@ def test_recipes_parse_strictly(recipe, capsys):
 
 
 def test_recipes_follow_the_papers():
-    load = lambda name: yaml.safe_load((ROOT / "recipes" / name).read_text())  # noqa: E731
+    load = lambda name: yaml.safe_load((ROOT / "ssl_vit" / "recipes" / name).read_text())  # noqa: E731
     mae = load("probe/mae_linear_vit_base_patch16_in1k.yaml")
     m = mae["model"]["init_args"]
     assert (m["protocol"], m["feature"], m["base_lr"], m["warmup_epochs"], m["weight_decay"]) == ("mae", "cls", 0.1, 10, 0.0)

@@ -37,7 +37,7 @@ def shards(tmp_path_factory):
 
 def test_smoke_recipe_runs_and_logs_reconstructions(shards, tmp_path):
     cli_main([
-        "fit", "--config", str(ROOT / "recipes/smoke/mae.yaml"), "--trainer.fast_dev_run", "true",
+        "fit", "--config", str(ROOT / "ssl_vit/recipes/smoke/mae.yaml"), "--trainer.fast_dev_run", "true",
         "--data.train", shards, "--trainer.default_root_dir", str(tmp_path),
     ])
     png = tmp_path / "reconstructions" / "epoch_000.png"
@@ -49,7 +49,7 @@ def test_smoke_recipe_runs_and_logs_reconstructions(shards, tmp_path):
 
 def test_cli_checkpoint_loads_and_visualize_tool_writes_pngs(shards, tmp_path):
     cli_main([
-        "fit", "--config", str(ROOT / "recipes/smoke/mae.yaml"), "--data.train", shards,
+        "fit", "--config", str(ROOT / "ssl_vit/recipes/smoke/mae.yaml"), "--data.train", shards,
         "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "2", "--trainer.max_epochs", "1",
         "--trainer.enable_checkpointing", "true", "--trainer.callbacks+=ModelCheckpoint",
         "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"), "--trainer.callbacks.filename", "last",
@@ -70,7 +70,7 @@ def test_cli_checkpoint_loads_and_visualize_tool_writes_pngs(shards, tmp_path):
         tool["main"](["--weights", str(checkpoint), "--images", str(tmp_path / "missing.png"), "--output", str(out)])
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes" / "mae").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", sorted((ROOT / "ssl_vit" / "recipes" / "mae").glob("*.yaml")), ids=lambda p: p.stem)
 def test_recipes_parse_strictly_and_follow_the_paper(recipe, capsys):
     with pytest.raises(SystemExit) as exit_info:  # LightningCLI validates every key, then exits
         cli_main(["fit", "--config", str(recipe), "--print_config"])

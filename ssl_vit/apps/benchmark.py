@@ -261,7 +261,7 @@ def find_max_batch(cfg: BenchConfig, limit: int = 8192) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="ssl-vit benchmark", description=__doc__.splitlines()[0])
     defaults = argparse.Namespace(**{f.name: f.default for f in fields(BenchConfig)})
     p.add_argument("--method", choices=["mae", "dino"], required=True)
     p.add_argument("--arch", default=defaults.arch)

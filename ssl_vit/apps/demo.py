@@ -2,7 +2,7 @@
 
 1. writes scikit-learn's 1,797 handwritten digits as 32x32 images (train / held-out test split)
    and turns the train and test folders into webdataset shards;
-2. pretrains a small MAE and a small DINO through `ssl-vit fit` with the recipes in recipes/demo/;
+2. pretrains a small MAE and a small DINO through `ssl-vit fit` with the packaged recipes demo/*.yaml;
 3. evaluates the frozen features of each pretrained backbone, of the same architecture with random
    weights, and of raw pixels, on the held-out split: k-NN (k=20, cosine, T=0.07) with every
    training label, and a linear probe that sees only 5 labelled images per digit (10 random draws);
@@ -35,10 +35,11 @@ from ssl_vit.apps.runs import shard_pattern as _shard_pattern
 from ssl_vit.checkpoints.load import load_backbone
 from ssl_vit.data import export_digits, write_shards
 from ssl_vit.models.backbone import create_backbone
+from ssl_vit.recipes import RECIPES_DIR
 from ssl_vit.viz.gallery import export_attention
 from ssl_vit.viz.reconstruction import visualize_mae
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "demo"
+RECIPES = RECIPES_DIR / "demo"
 IMAGE_SIZE = 32
 FEW_LABELS, FEW_LABEL_DRAWS = 5, 10
 # MAE's representation is the mean patch token; DINO's the CLS token (each method's protocol).
@@ -116,7 +117,8 @@ def quiet_run(threads: int) -> Iterator[None]:
 def _pretrain(recipe: Path, train: str, run_dir: Path, epochs: Optional[int], seed: int) -> Dict[str, Any]:
     """`ssl-vit fit` with a demo recipe; returns ``{"checkpoint", "steps"}``."""
     if not recipe.is_file():
-        raise FileNotFoundError(f"demo recipe {recipe} is missing: run the demo from a checkout of ssl_vit")
+        raise FileNotFoundError(f"demo recipe {recipe} is missing: this installation of ssl_vit lacks its recipes "
+                                "(reinstall it: `pip install .` ships them as package data)")
     args = ["fit", "--config", str(recipe), "--data.train", train, "--trainer.default_root_dir", str(run_dir),
             "--seed_everything", str(seed)]
     if epochs is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 _EXPORTS = {
     "ShardDataModule": "ssl_vit.data.datamodule",
-    "ImageFolderDataModule": "ssl_vit.data.datamodule",
+    "ImageFolderDataModule": "ssl_vit.data.folders",
     "PretrainTransform": "ssl_vit.data.transforms",
     "EvalTransform": "ssl_vit.data.transforms",
     "write_shards": "ssl_vit.data.shards",

@@ -1,5 +1,9 @@
 """LightningDataModules: webdataset shards (:class:`ShardDataModule`) or an ImageFolder tree
-(:class:`ImageFolderDataModule`), with one interface and one small base.
+(:class:`ssl_vit.data.folders.ImageFolderDataModule`), with one interface and one small base.
+
+Splits: ``train`` (what the run trains on, labelled or not), ``val`` (held-out, labelled) and
+``eval_train`` (a labelled copy of the training data read like ``val``: the bank of the k-NN monitor,
+``ssl_vit.training.knn_monitor.KNNMonitor``), so every path a run reads is one ``--data.*`` option.
 
 Batches are ``(images, labels)``: ``images`` a float tensor ``[B, C, H, W]``, or a list of such
 tensors (one per view) when the transform returns a list; ``labels`` a LongTensor ``[B]`` (-1 where
@@ -21,19 +25,16 @@ ranks and workers). Both are exact when the resumed run has the same batch size,
 (shards) and world size, and, for shards, when the skipped part held no corrupt sample.
 """
 import logging
-import math
 import signal
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 
-from ssl_vit.data.decode import MIN_CHECKED_SAMPLES, CorruptCounter, CorruptSampleError, open_image, to_rgb
-from ssl_vit.data.listing import list_images
 from ssl_vit.data.pipeline import ShardStream
-from ssl_vit.data.resume import ResumableLoader, ResumableSampler, call_seeded, sample_seed
+from ssl_vit.data.resume import ResumableLoader
 from ssl_vit.data.shard_info import ShardInfo, load_shard_info
 from ssl_vit.data.transforms import EvalTransform, PretrainTransform
 
@@ -86,6 +87,25 @@ class _BaseDataModule(pl.LightningDataModule):
         """``(classes, number of training samples)``."""
         raise NotImplementedError
 
+    def classes_of(self, split: str) -> List[str]:
+        """Class names of ``split`` (``train``, ``val`` or ``eval_train``; empty when unlabelled)."""
+        raise NotImplementedError
+
+    def _eval_loader(self, split: str, with_keys: bool = False) -> DataLoader:
+        """Every sample of ``split`` once, with the evaluation transform (``with_keys``: batches
+        ``(images, labels, keys)``, the key naming the sample in its shard or folder)."""
+        raise NotImplementedError
+
+    @property
+    def predict_splits(self) -> List[str]:
+        """The splits ``ssl-vit predict`` embeds, in ``dataloader_idx`` order: ``train``, then ``val`` if given."""
+        return [split for split in ("train", "val") if getattr(self, split) is not None]
+
+    def predict_dataloader(self) -> List[DataLoader]:
+        """One loader per :attr:`predict_splits`: every sample once, evaluation transform, with keys."""
+        self.setup()
+        return [self._eval_loader(split, with_keys=True) for split in self.predict_splits]
+
     # -- shared ------------------------------------------------------------------------------------
     @property
     def classes(self) -> List[str]:
@@ -105,6 +125,18 @@ class _BaseDataModule(pl.LightningDataModule):
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
         return self._rank or 0, self._world_size or 1
+
+    def eval_train_dataloader(self) -> DataLoader:
+        """The ``eval_train`` split (the k-NN bank), read like ``val``: every sample once, evaluation transform.
+
+        Raises:
+            ValueError: no ``eval_train`` was given.
+        """
+        if self.eval_train is None:
+            raise ValueError(f"{type(self).__name__} has no eval_train split: give --data.eval_train (labelled "
+                             "images read with the evaluation transform, e.g. the training data again)")
+        self.setup()
+        return self._eval_loader("eval_train")
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch seeding the shuffle when no Trainer is attached."""
@@ -144,10 +176,15 @@ class _BaseDataModule(pl.LightningDataModule):
             worker_init_fn=_ignore_requeue_signal,
         )
 
-    @staticmethod
-    def _check_classes(train: List[str], val: List[str], where: str) -> None:
-        if train and val and train != val:
-            raise ValueError(f"the classes of the validation data {where} differ from the training classes")
+    def setup(self, stage: Optional[str] = None) -> None:
+        """List every given split and check that the labelled ones have the same classes."""
+        splits = {s: getattr(self, s) for s in ("train", "val", "eval_train") if getattr(self, s) is not None}
+        labelled = [(s, self.classes_of(s)) for s in splits]
+        labelled = [(s, classes) for s, classes in labelled if classes]
+        for split, classes in labelled[1:]:
+            if classes != labelled[0][1]:
+                raise ValueError(f"the classes of the {split} data ({splits[split]}) differ from those of the "
+                                 f"{labelled[0][0]} data ({splits[labelled[0][0]]})")
 
 
 class ShardDataModule(_BaseDataModule):
@@ -160,6 +197,9 @@ class ShardDataModule(_BaseDataModule):
         train_info: the training info JSON; default ``<dirname>/<NAME>.json`` of the first shard.
             Required for ``pipe:`` URLs.
         val_info: the same for ``val``.
+        eval_train: labelled shards read like ``val`` (every sample once, ``val_transform``): the bank
+            of the k-NN monitor. Often the training shards again.
+        eval_train_info: the same as ``train_info`` for ``eval_train``.
         batch_size: per-device batch size.
         num_workers: DataLoader workers per rank.
         train_transform: PIL image -> tensor or list of tensors (default ``PretrainTransform()``).
@@ -179,6 +219,8 @@ class ShardDataModule(_BaseDataModule):
         val: Optional[str] = None,
         train_info: Optional[str] = None,
         val_info: Optional[str] = None,
+        eval_train: Optional[str] = None,
+        eval_train_info: Optional[str] = None,
         batch_size: int = 64,
         num_workers: int = 4,
         train_transform: Optional[Callable] = None,
@@ -197,12 +239,14 @@ class ShardDataModule(_BaseDataModule):
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.train, self.val, self.train_info, self.val_info = train, val, train_info, val_info
+        self.eval_train, self.eval_train_info = eval_train, eval_train_info
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self._infos: dict = {}
 
     def _info(self, which: str) -> ShardInfo:
         if which not in self._infos:
-            shards, info = (self.train, self.train_info) if which == "train" else (self.val, self.val_info)
+            shards, info = {"train": (self.train, self.train_info), "val": (self.val, self.val_info),
+                            "eval_train": (self.eval_train, self.eval_train_info)}[which]
             self._infos[which] = load_shard_info(shards, info)
         return self._infos[which]
 
@@ -210,12 +254,10 @@ class ShardDataModule(_BaseDataModule):
         info = self._info("train")
         return info.classes, info.num_samples
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        self._info("train")
-        if self.val is not None:
-            self._check_classes(self.classes, self._info("val").classes, f"({self._info('val').info_path})")
+    def classes_of(self, split: str) -> List[str]:
+        return self._info(split).classes
 
-    def _stream(self, which: str, train: bool) -> ShardStream:
+    def _stream(self, which: str, train: bool, with_keys: bool = False) -> ShardStream:
         rank, world_size = self.dist_info()
         return ShardStream(
             self._info(which),
@@ -229,7 +271,8 @@ class ShardDataModule(_BaseDataModule):
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer,
             max_corrupt_fraction=self.max_corrupt_fraction,
-            num_classes=self.num_classes,
+            num_classes=len(self.classes_of(which)),
+            with_keys=with_keys,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -242,135 +285,7 @@ class ShardDataModule(_BaseDataModule):
         if self.val is None:
             return []
         self.setup()
-        return DataLoader(self._stream("val", train=False), **self._loader_kwargs())
+        return self._eval_loader("val")
 
-
-class _ImageFiles(Dataset):
-    """``(transform(image), label)`` of an ImageFolder listing; an unreadable file is logged, counted
-    and replaced by the next readable one (so batches keep their size). With ``seed`` set (training),
-    the transform of index ``i`` runs seeded by ``(seed, epoch, i)``."""
-
-    def __init__(self, root: str, max_corrupt_fraction: float, transform: Optional[Callable] = None) -> None:
-        self.root, self.transform = root, transform
-        listing = list_images(root)
-        self.classes, self.items = listing.classes, listing.items
-        if not self.items:
-            raise ValueError(f"no files under {root!r}")
-        self.max_corrupt_fraction, self.min_checked = max_corrupt_fraction, MIN_CHECKED_SAMPLES
-        self.counter: Optional[CorruptCounter] = None  # one per process (each worker has its copy)
-        self.seed: Optional[int] = None
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> Tuple[Any, int]:
-        if self.counter is None:
-            info = torch.utils.data.get_worker_info()
-            where = f"{self.root} worker {0 if info is None else info.id}"
-            self.counter = CorruptCounter(self.max_corrupt_fraction, where, self.min_checked)
-        for step in range(len(self.items)):
-            path, label = self.items[(index + step) % len(self.items)]
-            try:
-                with open(path, "rb") as f:
-                    image = to_rgb(open_image(f.read()))
-            except (OSError, CorruptSampleError) as exc:
-                self.counter.bad(path, path, str(exc))
-                continue
-            self.counter.good()
-            if self.transform is None:
-                return image, label
-            if self.seed is None:
-                return self.transform(image), label
-            return call_seeded(self.transform, image, sample_seed(self.seed, self.epoch, index)), label
-        raise RuntimeError(f"no readable image under {self.root!r}")
-
-
-class ImageFolderDataModule(_BaseDataModule):
-    """The same interface over ImageFolder trees (``root/<class>/<image>``), for data not yet sharded;
-    a folder with images and no sub-folder at its top level is read unlabelled (label -1, recursively:
-    :func:`ssl_vit.data.listing.list_images`).
-
-    Files that cannot be decoded (JPEG/PNG/WEBP only, as in the shards) are logged, counted and
-    replaced by the next readable file; ``max_corrupt_fraction`` applies per DataLoader worker, checked
-    once it has read ``min(100, its share of the epoch)`` files. Training batches are full
-    (``drop_last``); the training order is ``DistributedSampler``'s (shuffled by ``seed + epoch``, on one
-    rank too), so an epoch's order depends on its number only.
-
-    Args:
-        train: training ImageFolder root.
-        val: validation ImageFolder root (optional).
-        batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction,
-        pin_memory, rank, world_size: as for :class:`ShardDataModule`.
-    """
-
-    def __init__(
-        self,
-        train: str,
-        val: Optional[str] = None,
-        batch_size: int = 64,
-        num_workers: int = 4,
-        train_transform: Optional[Callable] = None,
-        val_transform: Optional[Callable] = None,
-        seed: int = 0,
-        max_corrupt_fraction: float = 0.01,
-        pin_memory: bool = True,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-    ) -> None:
-        super().__init__(
-            batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction, pin_memory, rank, world_size
-        )
-        self.train, self.val = train, val
-        self._datasets: dict = {}
-
-    def _dataset(self, which: str) -> _ImageFiles:
-        if which not in self._datasets:
-            _, world_size = self.dist_info()
-            dataset = _ImageFiles(self.train if which == "train" else self.val, self.max_corrupt_fraction)
-            # A small epoch is judged whole: check once a worker has read its share of it.
-            dataset.min_checked = min(MIN_CHECKED_SAMPLES, math.ceil(len(dataset) / (world_size * max(1, self.num_workers))))
-            self._datasets[which] = dataset
-        return self._datasets[which]
-
-    def _train_meta(self) -> Tuple[List[str], int]:
-        dataset = self._dataset("train")
-        return dataset.classes, len(dataset)
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        self._dataset("train")
-        if self.val is not None:
-            self._check_classes(self.classes, self._dataset("val").classes, f"({self.val})")
-
-    def _loader(self, which: str, train: bool) -> DataLoader:
-        dataset = self._dataset(which)
-        dataset.transform = self.train_transform if train else self.val_transform
-        dataset.seed = self.seed if train else None
-        rank, world_size = self.dist_info()
-        if not train:
-            sampler: Any = (
-                DistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1
-                else SequentialSampler(dataset)
-            )
-            return DataLoader(dataset, sampler=sampler, **self._loader_kwargs())
-        if math.ceil(len(dataset) / world_size) < self.batch_size:
-            raise ValueError(
-                f"{self.train!r} has {len(dataset)} images: fewer than one batch of {self.batch_size} per rank"
-            )
-        sampler = ResumableSampler(dataset, world_size, rank, shuffle=True, seed=self.seed)
-
-        def start(epoch: int, skip_batches: int) -> None:
-            sampler.set_epoch(epoch)
-            sampler.skip = skip_batches * self.batch_size
-            dataset.epoch = epoch
-
-        return self._train_loader(dataset, start, workers_matter=False, sampler=sampler, drop_last=True)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
-        if self.val is None:
-            return []
-        self.setup()
-        return self._loader("val", train=False)
+    def _eval_loader(self, split: str, with_keys: bool = False) -> DataLoader:
+        return DataLoader(self._stream(split, train=False, with_keys=with_keys), **self._loader_kwargs())

@@ -95,6 +95,8 @@ class ShardStream(IterableDataset):
         shuffle_buffer: samples held by each reader's shuffle buffer (0 or 1: no shuffling).
         max_corrupt_fraction: tolerated fraction of corrupt samples per reader.
         num_classes: labels must lie in ``[0, num_classes)`` (0: unchecked).
+        with_keys: yield ``(image, label, key)``, ``key`` the sample's ``__key__`` in its shard
+            (feature extraction: which sample each row is).
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         max_corrupt_fraction: float = 0.01,
         num_classes: int = 0,
+        with_keys: bool = False,
     ) -> None:
         super().__init__()
         if info.num_samples < 1:
@@ -126,7 +129,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
         self.resampled = resampled and train
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.max_corrupt_fraction, self.num_classes = max_corrupt_fraction, num_classes
+        self.max_corrupt_fraction, self.num_classes, self.with_keys = max_corrupt_fraction, num_classes, with_keys
         self.epoch = 0
         self.skip_batches = 0
         self.stats: Dict[str, Any] = {}  # the last epoch's counts of the reader in this process
@@ -217,7 +220,7 @@ class ShardStream(IterableDataset):
         while True:
             yield from read_shard(rng.choice(self.info.urls))
 
-    def _decoded(self, raw: Iterator[Dict[str, Any]], counter: CorruptCounter) -> Iterator[Tuple[Any, int]]:
+    def _decoded(self, raw: Iterator[Dict[str, Any]], counter: CorruptCounter) -> Iterator[Tuple[Any, int, str]]:
         for sample in raw:
             try:
                 image, label = decode_sample(sample, self.num_classes)
@@ -225,7 +228,7 @@ class ShardStream(IterableDataset):
                 counter.bad(sample.get("__url__", "?"), sample.get("__key__", "?"), str(exc))
                 continue
             counter.good()
-            yield image, label
+            yield image, label, sample.get("__key__", "")
 
     # -- iteration ---------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Tuple[Any, int]]:
@@ -257,13 +260,13 @@ class ShardStream(IterableDataset):
         for source in (main, tail):
             if source is None or yielded >= quota:
                 continue
-            for image, label in self._decoded(source, counter):
+            for image, label, key in self._decoded(source, counter):
                 if self.transform is not None and self.train:
                     seed = sample_seed(self.seed, self.epoch, self.rank, worker, yielded)
                     image = call_seeded(self.transform, image, seed)
                 elif self.transform is not None:
                     image = self.transform(image)
-                yield image, label
+                yield (image, label, key) if self.with_keys else (image, label)
                 yielded += 1
                 if yielded >= quota:
                     break

@@ -40,7 +40,7 @@ def _logging() -> None:
 def make_shards_main(argv: Optional[List[str]] = None) -> int:
     """``make-shards``: see :data:`MAKE_SHARDS_HELP`."""
     parser = argparse.ArgumentParser(
-        prog="make-shards", description=MAKE_SHARDS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ssl-vit make-shards", description=MAKE_SHARDS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--input", required=True, help="DIR/<class>/<image>, or a folder of unlabelled images")
     parser.add_argument("--output", required=True, help="directory for NAME-000000.tar ... and NAME.json")
@@ -72,7 +72,7 @@ def make_shards_main(argv: Optional[List[str]] = None) -> int:
 def index_shards_main(argv: Optional[List[str]] = None) -> int:
     """``index-shards``: see :data:`INDEX_SHARDS_HELP`."""
     parser = argparse.ArgumentParser(
-        prog="index-shards", description=INDEX_SHARDS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ssl-vit index-shards", description=INDEX_SHARDS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shards", required=True, help="path, brace pattern or URL of the shards")
     parser.add_argument("--output", help="the JSON to write (default DIR/NAME.json beside DIR/NAME-INDEX.tar)")

@@ -5,6 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# What the k-NN stage (``ssl-vit validate``) and the k-NN monitor (during pretraining) log: one name
+# for one measurement, the weighted k-NN accuracy on the val split.
+KNN_TOP1, KNN_TOP5 = "val/knn_top1", "val/knn_top5"
+
 
 @torch.no_grad()
 def knn_classify(

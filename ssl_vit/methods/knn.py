@@ -1,6 +1,7 @@
 """The ``ssl-vit validate`` k-NN stage: train-set features once, then ``val/knn_top1`` (the DINO
 protocol). The maths is in ``ssl_vit.eval``; the k-NN monitor callback
-(``ssl_vit.training.knn_monitor.KNNMonitor``) uses the same functions during pretraining.
+(``ssl_vit.training.knn_monitor.KNNMonitor``) uses the same functions, and logs the same names, during
+pretraining.
 """
 from typing import Any, Dict, Optional, Tuple
 
@@ -13,7 +14,7 @@ from ssl_vit.checkpoints.format import CHECKPOINT_KEY, stage_metadata
 from ssl_vit.checkpoints.load import build_frozen_backbone
 from ssl_vit.eval.distributed import gather_rows, split_for_rank
 from ssl_vit.eval.features import Feature, check_feature, extract_features, vit_features
-from ssl_vit.eval.knn import knn_classify
+from ssl_vit.eval.knn import KNN_TOP1, KNN_TOP5, knn_classify
 from ssl_vit.methods.classifier import resolve_num_classes
 
 
@@ -100,7 +101,7 @@ class KNNEval(pl.LightningModule):
         scores = knn_classify(*self.bank, self.features(images), self.num_classes, self.k, self.temperature, self.chunk_size)
         self.top1(scores, labels)
         self.top5(scores, labels)
-        self.log_dict({"val/knn_top1": self.top1, "val/knn_top5": self.top5}, on_epoch=True, batch_size=len(labels))
+        self.log_dict({KNN_TOP1: self.top1, KNN_TOP5: self.top5}, on_epoch=True, batch_size=len(labels))
 
     def on_validation_end(self) -> None:
         self.bank = None

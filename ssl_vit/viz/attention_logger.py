@@ -26,12 +26,29 @@ def mosaic(image: np.ndarray, rendered: Dict[str, Tuple[np.ndarray, np.ndarray, 
     return np.concatenate([heat, over], axis=0)
 
 
+def run_images(trainer: pl.Trainer) -> str:
+    """The images of the run: its DataModule's ``val`` split, else its ``train`` split.
+
+    Raises:
+        ValueError: the run has no DataModule naming either.
+    """
+    data = trainer.datamodule
+    found = getattr(data, "val", None) or getattr(data, "train", None)
+    if not isinstance(found, (str, Path)):
+        raise ValueError("AttentionGalleryLogger: give it `images`, or run it with a DataModule whose val or train "
+                         "data is a folder or shard pattern")
+    return str(found)
+
+
 class AttentionGalleryLogger(pl.Callback):
     """Every ``every_n_epochs`` training epochs, export the attention maps of fixed images.
 
     Args:
-        images: image files, folders or shard patterns (as for ``tools/export_attention.py``);
-            they are read once, at the start of ``fit``; any unreadable input is an error.
+        images: image files, folders or shard patterns (as for ``ssl-vit attention``); they are read
+            once, at the start of ``fit``; any unreadable input is an error. Default: the first
+            ``num_images`` images of the run's ``--data.val`` (else ``--data.train``), so a recipe
+            names no path of its own.
+        num_images: how many images of the run's data, when ``images`` is not given.
         every_n_epochs: render after every ``every_n_epochs``-th training epoch.
         image_size: shorter side after resizing (then center-cropped to patch multiples).
         backbone: dotted attribute path of the ViT in the LightningModule; by default
@@ -43,7 +60,8 @@ class AttentionGalleryLogger(pl.Callback):
 
     def __init__(
         self,
-        images: Union[str, List[str]],
+        images: Optional[Union[str, List[str]]] = None,
+        num_images: int = 8,
         every_n_epochs: int = 1,
         image_size: int = 224,
         backbone: Optional[str] = None,
@@ -58,9 +76,12 @@ class AttentionGalleryLogger(pl.Callback):
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
-        self.inputs: Sequence[str] = [images] if isinstance(images, (str, Path)) else list(images)
-        if not self.inputs:
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        self.inputs: Sequence[str] = [images] if isinstance(images, (str, Path)) else list(images or [])
+        if images is not None and not self.inputs:
             raise ValueError("AttentionGalleryLogger needs at least one image")
+        self.num_images = num_images
         self.every_n_epochs, self.image_size, self.backbone = every_n_epochs, image_size, backbone
         self.threshold, self.layer, self.rollout = threshold, layer, rollout
         self._images: List[Tuple[str, torch.Tensor]] = []  # (name, uint8 [3, H, W])
@@ -70,7 +91,11 @@ class AttentionGalleryLogger(pl.Callback):
             return
         model = find_backbone(pl_module, self.backbone)
         patch = patch_size(model)
-        sources, skipped = collect_images(self.inputs)
+        if self.inputs:
+            sources, skipped = collect_images(self.inputs)
+        else:  # the run's own images; files of other kinds beside them (the shards' JSON) are passed over
+            sources, _ = collect_images([run_images(trainer)], limit=self.num_images)
+            skipped = []
         for source in sources:
             try:
                 with source.open() as image:
@@ -80,7 +105,7 @@ class AttentionGalleryLogger(pl.Callback):
         if skipped:
             raise ValueError(f"AttentionGalleryLogger: cannot use {', '.join(s['path'] + ' (' + s['reason'] + ')' for s in skipped)}")
         if not self._images:
-            raise ValueError(f"AttentionGalleryLogger: no images in {list(self.inputs)}")
+            raise ValueError(f"AttentionGalleryLogger: no images in {list(self.inputs) or run_images(trainer)}")
 
     def render(self, pl_module: pl.LightningModule, output: Path) -> List[Tuple[str, np.ndarray]]:
         """Write the gallery to ``output``; return ``(name, mosaic)`` per image, in input order."""

@@ -44,11 +44,14 @@ def _unique(stem: str, taken: set) -> str:
     return name
 
 
-def _shard_sources(url: str) -> List[Tuple[str, bytes]]:
-    """(sample key + extension, bytes) of each sample's image member in one webdataset shard."""
-    found = []
+def _shard_sources(url: str, limit: Optional[int] = None) -> List[Tuple[str, bytes]]:
+    """(sample key + extension, bytes) of each sample's image member in one webdataset shard (the
+    first ``limit`` only, reading no further, when given)."""
+    found: List[Tuple[str, bytes]] = []
     try:
         for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+            if limit is not None and len(found) >= limit:
+                break
             ext = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
             if ext is not None:
                 found.append((f"{sample['__key__']}.{ext}", sample[ext]))
@@ -67,8 +70,11 @@ def _expand(pattern: str) -> List[Path]:
     return paths
 
 
-def collect_images(inputs: Sequence[PathLike]) -> Tuple[List[ImageSource], List[Dict[str, str]]]:
-    """Expand image files, folders (recursive) and shard patterns into image sources.
+def collect_images(
+    inputs: Sequence[PathLike], limit: Optional[int] = None
+) -> Tuple[List[ImageSource], List[Dict[str, str]]]:
+    """Expand image files, folders (recursive) and shard patterns into image sources (the first
+    ``limit`` of them, reading no further, when given).
 
     Returns:
         ``(sources, skipped)``; ``skipped`` lists ``{"path", "reason"}`` for files in the inputs that
@@ -79,9 +85,14 @@ def collect_images(inputs: Sequence[PathLike]) -> Tuple[List[ImageSource], List[
     skipped: List[Dict[str, str]] = []
     taken = set(RESERVED_NAMES)
 
+    def full() -> bool:
+        return limit is not None and len(sources) >= limit
+
     def add_file(path: Path) -> None:
+        if full():
+            return
         if path.suffix.lower() == ".tar":
-            for member, data in _shard_sources(str(path)):
+            for member, data in _shard_sources(str(path), None if limit is None else limit - len(sources)):
                 stem = Path(member).stem
                 sources.append(ImageSource(_unique(stem, taken), f"{path}:{member}", stem, data=data))
         elif path.suffix.lower() in IMAGE_SUFFIXES:
@@ -96,6 +107,8 @@ def collect_images(inputs: Sequence[PathLike]) -> Tuple[List[ImageSource], List[
             if path.is_dir():
                 for child in sorted(p for p in path.rglob("*") if p.is_file()):
                     add_file(child)
+                    if full():
+                        break
             elif path.is_file():
                 add_file(path)
             else:

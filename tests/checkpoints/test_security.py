@@ -154,7 +154,7 @@ def test_checkpoint_payload_is_refused_by_every_loader(loader, evil_ckpt, tmp_pa
 def test_cli_resume_refuses_the_payload(evil_ckpt, tmp_path, capsys):
     path, marker = evil_ckpt
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        cli_main(["fit", "--config", str(ROOT / "recipes/smoke/mae.yaml"), "--data.train", "unused-{000000..000001}.tar",
+        cli_main(["fit", "--config", str(ROOT / "ssl_vit/recipes/smoke/mae.yaml"), "--data.train", "unused-{000000..000001}.tar",
                   "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", path])
     assert not marker.exists()
 

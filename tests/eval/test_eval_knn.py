@@ -201,9 +201,9 @@ def test_knn_monitor_logs_the_knn_accuracy_of_the_teacher():
                          enable_model_summary=False, callbacks=[monitor])
     trainer.fit(module, train_dataloaders=train)
     top1, top2 = expected_knn(module.teacher.backbone.eval(), dm, k=20)
-    assert trainer.callback_metrics["knn/top1"].item() == pytest.approx(top1)
-    assert monitor.last["knn/top5"] == pytest.approx(1.0)  # 3 classes: top-5 is always right
-    with pytest.raises(ValueError, match="either `data`"):
+    assert trainer.callback_metrics["val/knn_top1"].item() == pytest.approx(top1)  # the k-NN stage's name
+    assert monitor.last["val/knn_top5"] == pytest.approx(1.0)  # 3 classes: top-5 is always right
+    with pytest.raises(ValueError, match="both `train_loader` and `val_loader`, or neither"):
         KNNMonitor(train_loader=dm.train_dataloader())
 
 

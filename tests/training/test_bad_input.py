@@ -34,7 +34,7 @@ from ssl_vit.methods.probe import LinearProbe
 from ssl_vit.training.checks import check_patch_multiples, check_resume_config, model_config_differences
 
 ROOT = Path(__file__).resolve().parents[2]
-SMOKE_MAE, SMOKE_DINO = str(ROOT / "recipes/smoke/mae.yaml"), str(ROOT / "recipes/smoke/dino.yaml")
+SMOKE_MAE, SMOKE_DINO = str(ROOT / "ssl_vit/recipes/smoke/mae.yaml"), str(ROOT / "ssl_vit/recipes/smoke/dino.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def fit_args(recipe: str, shards: Shards, run: Path, record: Path) -> List[str]:
     recorder = {"class_path": "dist_callbacks.Recorder", "init_args": {"folder": str(record)}}
     logger = {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(run)}}
     return [
-        "fit", "--config", str(ROOT / "recipes" / "smoke" / recipe), "--data.train", shards.pattern,
+        "fit", "--config", str(ROOT / "ssl_vit" / "recipes" / "smoke" / recipe), "--data.train", shards.pattern,
         "--trainer.devices", str(WORLD), "--trainer.strategy", "ddp", "--trainer.max_epochs", str(EPOCHS),
         "--trainer.default_root_dir", str(run), "--trainer.log_every_n_steps", "1",
         "--trainer.logger", json.dumps(logger), f"--trainer.callbacks+={json.dumps(recorder)}",

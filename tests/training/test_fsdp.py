@@ -29,8 +29,8 @@ from ssl_vit.viz import ReconstructionLogger
 
 pytestmark = pytest.mark.slow  # processes, CLI training or end-to-end chains: `make test` only
 
-SMOKE = str(ROOT / "recipes" / "smoke" / "mae.yaml")
-FRAGMENT = str(ROOT / "recipes" / "strategies" / "fsdp.yaml")
+SMOKE = str(ROOT / "ssl_vit" / "recipes" / "smoke" / "mae.yaml")
+FRAGMENT = str(ROOT / "ssl_vit" / "recipes" / "strategies" / "fsdp.yaml")
 TIMEOUT = 300
 
 
@@ -68,7 +68,7 @@ def test_lightning_accepts_the_subclass_where_it_refuses_fsdp_on_cpu():
 ])
 def test_recipe_switch_parses_over_the_vit_huge_recipe(switch, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", "--config", str(ROOT / "recipes/mae/vit_huge_patch14_in1k.yaml"), *switch, "--print_config"])
+        cli_main(["fit", "--config", str(ROOT / "ssl_vit/recipes/mae/vit_huge_patch14_in1k.yaml"), *switch, "--print_config"])
     assert exit_info.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
     strategy = config["trainer"]["strategy"]

@@ -294,7 +294,7 @@ def test_cli_resumes_from_last(shards, tmp_path):
     """``ssl-vit fit --config recipes/smoke/mae.yaml ... --ckpt_path last`` goes on from the last step
     (the LightningCLI in this process: ``python -m ssl_vit`` itself is covered by tests/test_cli.py)."""
     folder = tmp_path / "ckpt"
-    common = ["fit", "--config", str(REPO / "recipes/smoke/mae.yaml"), "--data.train", shards,
+    common = ["fit", "--config", str(REPO / "ssl_vit/recipes/smoke/mae.yaml"), "--data.train", shards,
               "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks+=ssl_vit.training.Checkpoint",
               f"--trainer.callbacks.dirpath={folder}", "--trainer.callbacks.every_n_train_steps=2"]
     first = run_lightning(common + ["--trainer.max_steps", "2"])
@@ -306,7 +306,7 @@ def test_cli_resumes_from_last(shards, tmp_path):
 
 
 PRETRAINING_RECIPES = sorted(
-    str(p.relative_to(REPO)) for d in ("mae", "dino") for p in (REPO / "recipes" / d).glob("*.yaml")
+    str(p.relative_to(REPO)) for d in ("mae", "dino") for p in (REPO / "ssl_vit" / "recipes" / d).glob("*.yaml")
 )
 
 

@@ -34,8 +34,8 @@ from ssl_vit.training import Checkpoint, Preemption
 
 pytestmark = pytest.mark.slow  # processes, CLI training or end-to-end chains: `make test` only
 
-TEMPLATE = ROOT / "recipes" / "slurm" / "pretrain.sbatch"
-SMOKE = str(ROOT / "recipes" / "smoke" / "dino.yaml")
+TEMPLATE = ROOT / "ssl_vit" / "recipes" / "slurm" / "pretrain.sbatch"
+SMOKE = str(ROOT / "ssl_vit" / "recipes" / "smoke" / "dino.yaml")
 JOB_ID = "4242"
 TIMEOUT = 300
 SIGNAL_AT, STOP, TOTAL = 2, 3, 6  # the signal inside step 3 (global_step 2 -> 3); 2 batches per epoch

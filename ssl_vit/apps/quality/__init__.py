@@ -1,6 +1,6 @@
-"""The CIFAR-10 representation-quality benchmark (``tools/bench_quality.py``).
+"""The CIFAR-10 representation-quality benchmark (``ssl-vit quality``, ``tools/bench_quality.py``).
 
-    python tools/bench_quality.py --data ../shared/datasets/cifar10-jpg.tar.gz --output runs/quality
+    ssl-vit quality --data ../shared/datasets/cifar10-jpg.tar.gz --output runs/quality
 
 pretrains DINO and MAE within a time budget each, evaluates both (k-NN, linear probe, finetune)
 against a supervised baseline, random weights and raw pixels, and writes ``results.json``,
@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ssl_vit.apps.quality.bench import RECIPES, STAGES, QualityOptions, run_quality
+from ssl_vit.apps.runs import StageError
 
-__all__ = ["QualityOptions", "run_quality", "main", "build_parser"]
+__all__ = ["QualityOptions", "run_quality", "main", "command", "build_parser"]
 
 
 def _recipe_arg(text: str) -> List[str]:
@@ -27,7 +28,7 @@ def _recipe_arg(text: str) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="bench_quality.py",
+        prog="ssl-vit quality",
         description="CIFAR-10 representation quality: pretrain DINO and MAE within a time budget each, evaluate them "
                     "(k-NN, linear probe, finetune) against a supervised baseline, random weights and raw pixels; "
                     "write OUTPUT/results.json, OUTPUT/results.md and OUTPUT/attention_gallery.png.",
@@ -76,3 +77,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     print((args.output / "results.md").read_text())
     print(f"results: {args.output / 'results.json'}, {args.output / 'results.md'}, {args.output / 'attention_gallery.png'}")
     return results
+
+
+def command(argv: Optional[List[str]] = None) -> int:
+    """``main`` as a command: a failed stage is one message naming it (and its log), exit status 1."""
+    try:
+        main(argv)
+    except StageError as err:
+        print(f"ssl-vit quality: error: {err}", file=sys.stderr)
+        return 1
+    return 0

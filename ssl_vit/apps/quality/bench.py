@@ -40,8 +40,9 @@ from ssl_vit.apps.quality import data as qdata
 from ssl_vit.apps.quality import plan as qplan
 from ssl_vit.apps.quality import report
 from ssl_vit.apps.quality.overrides import StageData, put, recipe_overrides
-from ssl_vit.apps.runs import KNN_K, KNN_T, PACKAGE_PARENT, StageError, knn_accuracy, run_cli, run_cli_subprocess
+from ssl_vit.apps.runs import KNN_K, KNN_T, StageError, knn_accuracy, run_cli, run_cli_subprocess
 from ssl_vit.checkpoints.load import load_backbone, read_backbone
+from ssl_vit.recipes import RECIPES_DIR
 from ssl_vit.viz.gallery import export_attention
 
 RECIPES = {
@@ -141,7 +142,7 @@ class Bench:
             raise FileNotFoundError(f"--data {opts.data} does not exist (an archive or a folder with train/ and test/)")
         self.opts = opts
         self.out = Path(opts.output)
-        self.recipes = {k: Path(opts.recipes.get(k) or PACKAGE_PARENT / "recipes" / v) for k, v in RECIPES.items()}
+        self.recipes = {k: Path(opts.recipes.get(k) or RECIPES_DIR / v) for k, v in RECIPES.items()}
         for key, path in self.recipes.items():
             if not path.is_file():
                 raise FileNotFoundError(f"recipe for {key} not found: {path} (run from a checkout of ssl_vit)")

@@ -2,8 +2,7 @@
 
 A recipe names placeholder data paths and run directories; :func:`recipe_overrides` returns the
 settings that move a run onto the benchmark's shards or image folders, its stage folder (CSV
-logger, ``default_root_dir``, the ``dirpath`` of every callback that has one, the data of monitor
-callbacks), the device and loader settings, and an epoch count with the recipe's warm-ups scaled to
+logger, ``default_root_dir``, the ``dirpath`` of every callback that has one), the device and loader settings, and an epoch count with the recipe's warm-ups scaled to
 it. jsonargparse merges it over the recipe (lists, such as the callbacks, are replaced whole).
 """
 import copy
@@ -52,7 +51,8 @@ def _datamodule(tree: Dict[str, Any], prefix: str, recipe_args: Mapping[str, Any
     else:
         raise ValueError(f"cannot point a {kind or 'missing'} datamodule at the benchmark data "
                          "(ShardDataModule or ImageFolderDataModule)")
-    for split in ("train", "val"):
+    source["eval_train"] = source["train"]  # the k-NN monitor's bank: the training data, read for evaluation
+    for split in ("train", "val", "eval_train"):
         if split in recipe_args:
             put(tree, f"{prefix}.{split}", source[split])
     if data.workers is not None:
@@ -64,18 +64,14 @@ def _datamodule(tree: Dict[str, Any], prefix: str, recipe_args: Mapping[str, Any
 
 
 def callbacks(recipe: Mapping[str, Any], stage_dir: Path, data: StageData) -> List[Dict[str, Any]]:
-    """The recipe's callbacks with their checkpoint folder and their data moved to this stage."""
+    """The recipe's callbacks with their checkpoint folder moved to this stage (their data is the
+    stage's DataModule: the k-NN monitor and the attention gallery read it)."""
     found = copy.deepcopy(recipe.get("trainer", {}).get("callbacks") or [])
     for callback in found:
         args = callback.get("init_args") or {}
         callback["init_args"] = args
         if "dirpath" in args:
             args["dirpath"] = str(stage_dir / "checkpoints")
-        if isinstance(args.get("data"), dict):  # a monitor's own datamodule (KNNMonitor)
-            moved: Dict[str, Any] = {}
-            sub = args["data"].get("init_args") or {}
-            _datamodule(moved, "x", sub, args["data"].get("class_path", ""), data)
-            args["data"]["init_args"] = {**sub, **moved.get("x", {})}
     return found
 
 
