@@ -29,6 +29,25 @@ def safe_torch_load(path: PathLike) -> Any:
         ) from err
 
 
+# What of a Lightning checkpoint is the training state (callback states may hold an infinite
+# ``ModelCheckpoint.kth_value`` on purpose).
+TRAINING_STATE = ("state_dict", "optimizer_states")
+
+
+def count_non_finite(obj: Any) -> int:
+    """Floating tensors holding a NaN or inf in ``obj``: in a Lightning checkpoint its weights and
+    optimiser states (``TRAINING_STATE``), in anything else every tensor (dicts, lists, tuples walked)."""
+    if isinstance(obj, Mapping) and any(key in obj for key in TRAINING_STATE):
+        return sum(count_non_finite(obj[key]) for key in TRAINING_STATE if key in obj)
+    if isinstance(obj, torch.Tensor):
+        return int(obj.is_floating_point() and not bool(torch.isfinite(obj).all()))
+    if isinstance(obj, Mapping):
+        return sum(count_non_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(count_non_finite(v) for v in obj)
+    return 0
+
+
 def check_keys(
     expected: Iterable[str], found: Iterable[str], what: str, formats_hint: str = ""
 ) -> None:
