@@ -17,17 +17,17 @@ Where the file does not name the architecture and ``arch`` is None, it is inferr
 shapes (width, depth, patch size, image size from ``pos_embed``; heads from the ViT table). Every
 load checks keys and shapes exactly and fails naming the missing and unexpected keys.
 """
-import json
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from ssl_vit.checkpoints.format import CHECKPOINT_KEY
-from ssl_vit.checkpoints.io import PathLike, check_keys, check_shapes, safe_torch_load
+from ssl_vit.checkpoints.io import (
+    PathLike, check_keys, check_shapes, is_safetensors, read_json_object, read_safetensors, safe_torch_load,
+)
 from ssl_vit.models.backbone import VIT_SIZES, create_backbone
 from ssl_vit.models.pos_embed import pos_embed_resample, resample_pos_embed
 
@@ -119,7 +119,7 @@ def read_backbone(
 
 # -- formats ----------------------------------------------------------------------------------------
 def _read(path: Path, role: Optional[str]) -> _Found:
-    if path.is_dir() or path.suffix == ".safetensors":
+    if path.is_dir() or path.suffix == ".safetensors" or (path.is_file() and is_safetensors(path)):
         return _read_export(path, role)
     obj = safe_torch_load(path)
     if not isinstance(obj, Mapping):
@@ -163,11 +163,11 @@ def _read_export(path: Path, role: Optional[str]) -> _Found:
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
-    state = load_file(str(weights))
+    state = read_safetensors(weights)
     config_path = weights.parent / CONFIG_NAME
     if not config_path.is_file():  # a bare safetensors state dict: infer like any other
         return _read_state_dict(weights, state, "safetensors state dict")
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path)
     if "ssl_vit" in config:
         return _Found(state, config["ssl_vit"]["arch"], dict(config["ssl_vit"]["backbone_kwargs"]), "ssl_vit export", True)
     if "architecture" not in config:
