@@ -15,8 +15,9 @@ from pytorch_lightning.loggers import WandbLogger
 
 from ssl_vit.checkpoints.format import find_backbone
 from ssl_vit.models.backbone import patch_size
-from ssl_vit.viz.gallery import GalleryEntry, export_batch, render_columns, shared_scale, write_index
+from ssl_vit.viz.gallery import export_batch, render_columns, shared_scale
 from ssl_vit.viz.images import collect_images, prepare_image
+from ssl_vit.viz.page import GalleryEntry, write_index
 
 
 def mosaic(image: np.ndarray, rendered: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
