@@ -31,8 +31,10 @@ from tqdm.auto import tqdm
 from ssl_vit.models.backbone import patch_size
 from ssl_vit.viz.attention import attention_maps, best_head, jaccard_index, mass_threshold_masks
 from ssl_vit.viz.images import (
+    MAX_TOKENS,
     ImageSource,
     PathLike,
+    TooManyPatches,
     collect_images,
     crop_size,
     load_mask,
@@ -207,6 +209,44 @@ def _jaccard_report(scores: Dict[str, Dict[str, float]], missing: List[str], thr
     }
 
 
+Groups = Dict[Tuple[int, int], List[Tuple[int, ImageSource, Tuple[int, int]]]]
+
+
+class _Skips(list):
+    """``skipped.json``'s entries; each skip also warns, naming the input and why."""
+
+    def add(self, origin: str, reason: str) -> None:
+        self.append({"path": origin, "reason": reason})
+        warnings.warn(f"attention export: skipped {origin}: {reason}", stacklevel=3)
+
+
+def _plan(sources: Sequence[ImageSource], image_size: int, patch: int, max_tokens: Optional[int], skipped: _Skips) -> Groups:
+    """Images grouped by the crop size the model will see, from their headers only; unreadable
+    images and those over ``max_tokens`` patches are skipped before anything is decoded."""
+    groups: Groups = {}
+    for order, source in enumerate(sources):
+        try:
+            with source.open() as image:
+                size = oriented_size(image)
+        except Exception as err:  # PIL raises many types for unreadable files
+            skipped.add(source.origin, f"unreadable image: {err}")
+            continue
+        try:
+            crop = crop_size(*size, image_size, patch, max_tokens)
+        except TooManyPatches as err:
+            skipped.add(source.origin, str(err))
+            continue
+        groups.setdefault(crop, []).append((order, source, size))
+    return groups
+
+
+def batch_size_for(crop: Tuple[int, int], patch: int, batch_size: int, max_tokens: Optional[int]) -> int:
+    """Images per forward pass at ``crop`` (H, W): ``batch_size``, fewer for large crops, so that a
+    batch's captured attention (``B x T^2`` per head) never exceeds one image at ``max_tokens``."""
+    tokens = (crop[0] // patch) * (crop[1] // patch)
+    return batch_size if max_tokens is None else max(1, min(batch_size, max_tokens ** 2 // tokens ** 2))
+
+
 def export_attention(
     model: torch.nn.Module,
     images: Sequence[PathLike],
@@ -219,6 +259,7 @@ def export_attention(
     masks: Optional[PathLike] = None,
     progress: bool = True,
     baseline: Optional[torch.nn.Module] = None,
+    max_tokens: Optional[int] = MAX_TOKENS,
 ) -> ExportResult:
     """Export the attention gallery of ``images`` (files, folders, shard patterns) to ``output``.
 
@@ -226,15 +267,21 @@ def export_attention(
     of a 32-px model upsampled from 224-px input looks smooth and meaningful even from random
     weights. ``baseline`` adds that model's maps (e.g. random weights) beside each row.
 
-    Unreadable images and non-image files are skipped and listed in ``skipped.json``; when no image
-    can be read a ``ValueError`` is raised. With ``masks`` (a folder of binary PNGs named like the
-    images' stems), the Jaccard index of each column's mask with the foreground is written to
-    ``jaccard.json`` (``best`` is the best head per image; images without a mask are listed).
+    Unreadable images, non-image files and images whose crop would hold more than ``max_tokens``
+    patches (a thin 1x1000 image becomes 32x32000 px at a 32-px shorter side; ``None``: no bound)
+    are skipped, each with a warning naming it, and listed in ``skipped.json``; when no image can be
+    read a ``ValueError`` is raised. Batches of large crops are made smaller (``batch_size_for``).
+    ``index.html`` is written for the images done even when a batch fails (the error names the
+    batch's images). With ``masks`` (a folder of binary PNGs named like the images' stems), the
+    Jaccard index of each column's mask with the foreground is written to ``jaccard.json``
+    (``best`` is the best head per image; images without a mask are listed).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
     patch = patch_size(model)
     native = min(int(s) for s in model.patch_embed.img_size)
     image_size = native if image_size is None else int(image_size)
@@ -244,17 +291,9 @@ def export_attention(
     if masks_dir is not None and not masks_dir.is_dir():
         raise FileNotFoundError(f"--masks: {masks_dir} is not a folder")
     output = Path(output)
-    sources, skipped = collect_images(images)
-
-    groups: Dict[Tuple[int, int], List[Tuple[int, ImageSource, Tuple[int, int]]]] = {}
-    for order, source in enumerate(sources):
-        try:
-            with source.open() as image:
-                size = oriented_size(image)
-        except Exception as err:  # PIL raises many types for unreadable files
-            skipped.append({"path": source.origin, "reason": f"unreadable image: {err}"})
-            continue
-        groups.setdefault(crop_size(*size, image_size, patch), []).append((order, source, size))
+    sources, found_skips = collect_images(images)
+    skipped = _Skips(found_skips)
+    groups = _plan(sources, image_size, patch, max_tokens, skipped)
     planned = sum(len(g) for g in groups.values())
     if planned == 0:
         raise ValueError(f"no readable images in {[str(i) for i in images]} ({len(skipped)} inputs skipped)")
@@ -263,56 +302,64 @@ def export_attention(
     entries: Dict[int, GalleryEntry] = {}
     scores: Dict[str, Dict[str, float]] = {}
     missing: List[str] = []
+    resolution = (f"at the model's own resolution ({image_size} px)" if image_size == native else
+                  f"at {image_size} px (the model was built for {native} px)")
+    note = f"layer {layer}, {resolution}, masks keep {threshold:.0%} of the attention mass"
+    if baseline is not None:
+        note += "; baseline_* columns: the baseline model's maps (e.g. random weights) on the same scale"
     bar = tqdm(total=planned, unit="img", disable=not progress, desc="attention")
-    for members in groups.values():
-        for start in range(0, len(members), batch_size):
-            loaded, targets = [], []
-            for order, source, size in members[start:start + batch_size]:
-                try:
-                    with source.open() as image:
-                        tensor = prepare_image(image, image_size, patch)
-                except Exception as err:
-                    skipped.append({"path": source.origin, "reason": f"unreadable image: {err}"})
+    try:
+        for crop, members in groups.items():
+            step = batch_size_for(crop, patch, batch_size, max_tokens)
+            for start in range(0, len(members), step):
+                loaded, targets = [], []
+                for order, source, size in members[start:start + step]:
+                    try:
+                        with source.open() as image:
+                            tensor = prepare_image(image, image_size, patch)
+                    except Exception as err:
+                        skipped.add(source.origin, f"unreadable image: {err}")
+                        continue
+                    target = None
+                    if masks_dir is not None:
+                        mask_path = masks_dir / f"{source.stem}.png"
+                        if mask_path.is_file():
+                            target = load_mask(mask_path, size, image_size, patch)
+                        else:
+                            missing.append(source.name)
+                    loaded.append((order, source, tensor))
+                    targets.append(target)
+                bar.update(len(members[start:start + step]))
+                if not loaded:
                     continue
-                target = None
-                if masks_dir is not None:
-                    mask_path = masks_dir / f"{source.stem}.png"
-                    if mask_path.is_file():
-                        target = load_mask(mask_path, size, image_size, patch)
-                    else:
-                        missing.append(source.name)
-                loaded.append((order, source, tensor))
-                targets.append(target)
-            bar.update(len(members[start:start + batch_size]))
-            if not loaded:
-                continue
-            names = [source.name for _, source, _ in loaded]
-            results = export_batch(model, torch.stack([t for _, _, t in loaded]), names, output, threshold, layer,
-                                   rollout, baseline)
-            for (order, source, _), (maps, masks_np), target in zip(loaded, results, targets):
-                entry = GalleryEntry(source.name, list(maps), scale=shared_scale(maps))
-                if target is not None:
-                    values = jaccard_index(torch.from_numpy(np.stack(list(masks_np.values()))), target)
-                    entry.scores = {col: float(values[i]) for i, col in enumerate(maps)}
-                    heads = torch.tensor([entry.scores[c] for c in maps if c.startswith("head_")], dtype=torch.float64)
-                    index, value = best_head(heads)
-                    scores[source.name] = {**entry.scores, "best": value, "best_head": index}
-                entries[order] = entry
-    bar.close()
+                names = [source.name for _, source, _ in loaded]
+                try:
+                    results = export_batch(model, torch.stack([t for _, _, t in loaded]), names, output, threshold,
+                                           layer, rollout, baseline)
+                except Exception as err:  # out of memory, most often: name the images
+                    origins = ", ".join(source.origin for _, source, _ in loaded)
+                    raise RuntimeError(f"attention export failed on {origins} ({crop[1]}x{crop[0]} px, "
+                                       f"{crop[0] * crop[1] // patch ** 2} patches each): {err}") from err
+                for (order, source, _), (maps, masks_np), target in zip(loaded, results, targets):
+                    entry = GalleryEntry(source.name, list(maps), scale=shared_scale(maps))
+                    if target is not None:
+                        values = jaccard_index(torch.from_numpy(np.stack(list(masks_np.values()))), target)
+                        entry.scores = {col: float(values[i]) for i, col in enumerate(maps)}
+                        heads = torch.tensor([entry.scores[c] for c in maps if c.startswith("head_")], dtype=torch.float64)
+                        index, value = best_head(heads)
+                        scores[source.name] = {**entry.scores, "best": value, "best_head": index}
+                    entries[order] = entry
+    finally:  # the page of what is done, even when a batch failed
+        bar.close()
+        write_json(output / "skipped.json", skipped)
+        if entries:
+            write_index(output, [entries[k] for k in sorted(entries)], "Self-attention maps", note)
     if not entries:
         raise ValueError(f"no readable images in {[str(i) for i in images]} ({len(skipped)} inputs skipped)")
-    ordered = [entries[k] for k in sorted(entries)]
-    write_json(output / "skipped.json", skipped)
     report = None
     if masks_dir is not None:
         if not scores:
             raise ValueError(f"--masks: no mask in {masks_dir} matches an image stem (expected <stem>.png)")
         report = _jaccard_report(scores, missing, threshold, layer)
         write_json(output / "jaccard.json", report)
-    resolution = (f"at the model's own resolution ({image_size} px)" if image_size == native else
-                  f"at {image_size} px (the model was built for {native} px)")
-    note = f"layer {layer}, {resolution}, masks keep {threshold:.0%} of the attention mass"
-    if baseline is not None:
-        note += "; baseline_* columns: the baseline model's maps (e.g. random weights) on the same scale"
-    write_index(output, ordered, "Self-attention maps", note)
-    return ExportResult(output, [e.name for e in ordered], skipped, report)
+    return ExportResult(output, [entries[k].name for k in sorted(entries)], list(skipped), report)
