@@ -126,7 +126,8 @@ def read_safetensors(path: PathLike) -> Dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({path.stat().st_size} bytes): {err}") from err
+        raise ValueError(f"{path} cannot be read as a safetensors file ({path.stat().st_size} bytes; truncated or "
+                         f"not safetensors?): {err}") from err
 
 
 def read_json_object(path: PathLike) -> Dict[str, Any]:
@@ -135,9 +136,11 @@ def read_json_object(path: PathLike) -> Dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from err
+        raise ValueError(f"{path} cannot be read as JSON: {err.msg} at line {err.lineno}, column {err.colno}") from err
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        raise ValueError(f"{path} cannot be read as JSON: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read as JSON: {err}") from err
     if not isinstance(value, dict):
         raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
     return value

@@ -123,21 +123,21 @@ def test_a_broken_safetensors_header_names_the_file(export):
     weights = export / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[:8] + b"{not json" + data[17:])
-    with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors file \(\d+ bytes\): "):
+    with pytest.raises(ValueError, match=rf"{weights} cannot be read as a safetensors file \(\d+ bytes; "):
         load_backbone(export)
 
 
 def test_a_truncated_safetensors_file_names_the_file(export):
     weights = export / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors file"):
+    with pytest.raises(ValueError, match=rf"{weights} cannot be read as a safetensors file"):
         load_backbone(weights)
 
 
 @pytest.mark.parametrize("text, problem", [
-    ('{"architecture": "vit_tiny_patch4_32",', r"is not valid JSON: .* at line 1, column \d+"),
+    ('{"architecture": "vit_tiny_patch4_32",', r"cannot be read as JSON: .* at line 1, column \d+"),
     ("[1, 2]", "holds a JSON list, not an object"),
-    ("\udcff", "is not valid JSON: not UTF-8 text"),
+    ("\udcff", "cannot be read as JSON: not UTF-8 text"),
 ])
 def test_a_broken_config_json_names_the_file(export, text, problem):
     config = export / "config.json"
