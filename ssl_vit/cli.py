@@ -44,13 +44,13 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningCLI
 
 from ssl_vit.recipes import find_recipe
-from ssl_vit.training.checks import StartupChecks, check_resume_config
+from ssl_vit.training.checks import StartupChecks, check_resume_config, check_resume_file
 from ssl_vit.training.nonfinite import NonFiniteGuard
 
 
 class SSLViTCLI(LightningCLI):
-    """LightningCLI with the always-on callbacks, and refusing a ``--ckpt_path`` whose model differs
-    from the recipe's: LightningCLI replaces the recipe's model configuration by the checkpoint's
+    """LightningCLI with the always-on callbacks, refusing a ``--ckpt_path`` file that cannot be read
+    (one message per kind: ``check_resume_file``), and one whose model differs from the recipe's: LightningCLI replaces the recipe's model configuration by the checkpoint's
     hyperparameters, so a checkpoint of another method or architecture would otherwise silently
     replace the recipe's model."""
 
@@ -86,6 +86,9 @@ class SSLViTCLI(LightningCLI):
         if subcommand == "predict":
             route_predict_checkpoint(self.config[subcommand])
         self.recipe_model = copy.deepcopy(self.config[subcommand].get("model")) if subcommand else None
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:  # before LightningCLI opens it to read its hyperparameters
+            check_resume_file(str(ckpt_path))
 
     def before_instantiate_classes(self) -> None:
         subcommand = self.config.get("subcommand")

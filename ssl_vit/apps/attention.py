@@ -15,6 +15,7 @@ import torch
 from ssl_vit.checkpoints.load import read_backbone
 from ssl_vit.models.backbone import create_backbone
 from ssl_vit.viz.gallery import export_attention
+from ssl_vit.viz.images import MAX_TOKENS
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -35,6 +36,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rollout", action="store_true", help="add an attention-rollout column")
     parser.add_argument("--masks", default=None, help="folder of binary foreground PNGs <stem>.png: Jaccard index")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                        help="skip images whose crop holds more patches than this (attention memory grows as its square)")
     return parser.parse_args(argv)
 
 
@@ -53,9 +56,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = export_attention(
             model, args.images, args.output, image_size=args.image_size, threshold=args.threshold,
             layer=args.layer, batch_size=args.batch_size, rollout=args.rollout, masks=args.masks,
-            progress=not args.no_progress, baseline=baseline,
+            progress=not args.no_progress, baseline=baseline, max_tokens=args.max_tokens,
         )
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
+    except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as err:
         raise SystemExit(f"ssl-vit attention: error: {err}") from err
     print(f"exported {len(result.exported)} images to {result.output / 'index.html'}")
     if result.skipped:

@@ -22,17 +22,17 @@ it names one and ``arch`` gives another name, the two are compared as architectu
 (:mod:`ssl_vit.checkpoints.arch`), not as names. Every load checks keys and shapes exactly and
 fails naming the missing and unexpected keys.
 """
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from ssl_vit.checkpoints.arch import architecture_differences, architecture_of, grid_side, infer_arch, pos_embed_kwargs
 from ssl_vit.checkpoints.format import CHECKPOINT_KEY
-from ssl_vit.checkpoints.io import PathLike, check_keys, check_shapes, safe_torch_load
+from ssl_vit.checkpoints.io import (
+    PathLike, check_keys, check_shapes, is_safetensors, read_json_object, read_safetensors, safe_torch_load,
+)
 from ssl_vit.models.backbone import create_backbone
 from ssl_vit.models.pos_embed import pos_embed_resample, resample_pos_embed
 
@@ -146,7 +146,8 @@ def _check_same_architecture(path: Path, found: "_Found", arch: str, kwargs: Map
 
 # -- formats ----------------------------------------------------------------------------------------
 def _read(path: Path, role: Optional[str]) -> _Found:
-    if path.is_dir() or path.suffix == ".safetensors" or (path.name in WEIGHTS_NAMES and (path.parent / CONFIG_NAME).is_file()):
+    if (path.is_dir() or path.suffix == ".safetensors" or (path.is_file() and is_safetensors(path))
+            or (path.name in WEIGHTS_NAMES and (path.parent / CONFIG_NAME).is_file())):
         return _read_timm_format(path, role)
     obj = safe_torch_load(path)
     if not isinstance(obj, Mapping):
@@ -201,12 +202,7 @@ def _read_timm_format(path: Path, role: Optional[str]) -> _Found:
     config_path = weights.parent / CONFIG_NAME
     if not config_path.is_file():
         return _read_state_dict(weights, state, f"{weights.suffix} state dict, no {CONFIG_NAME} beside it")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{config_path} cannot be read as JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not timm's config object")
+    config = read_json_object(config_path)
     if "ssl_vit" in config:
         meta = config["ssl_vit"]
         if not isinstance(meta, dict) or "arch" not in meta or not isinstance(meta.get("backbone_kwargs"), dict):
@@ -228,11 +224,8 @@ def _read_timm_format(path: Path, role: Optional[str]) -> _Found:
 
 def _read_weights(weights: Path) -> Dict[str, Tensor]:
     """The state dict in a ``.safetensors`` file or a weights-only torch file."""
-    if weights.suffix == ".safetensors":
-        try:
-            return load_file(str(weights))
-        except Exception as err:  # safetensors raises its own SafetensorError, or OSError
-            raise ValueError(f"{weights} cannot be read as a safetensors file (truncated or not safetensors?): {err}") from err
+    if weights.suffix == ".safetensors" or is_safetensors(weights):
+        return read_safetensors(weights)
     state = safe_torch_load(weights)
     if not isinstance(state, Mapping):
         raise ValueError(f"{weights} holds a {type(state).__name__}, not a state dict")

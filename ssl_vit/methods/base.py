@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ssl_vit.methods.options import check_options
 from ssl_vit.methods.schedules import at, cosine_schedule
 
 # Devices whose fused AdamW kernels exist and honour `found_inf` (CPU since torch 2.4).
@@ -21,6 +22,12 @@ FUSED_DEVICES = ("cuda", "cpu")
 # Tokens and position embeddings, which ``exempt_tokens=True`` also keeps from weight decay. Both
 # references decay them (DINO ``utils.get_params_groups``, MAE ``add_weight_decay``: only biases and
 # 1-D tensors are exempt); timm's ``no_weight_decay()`` and many later recipes exempt them.
+# The ranges of the optimisation options every stage shares (``ssl_vit.methods.options``).
+SCHEDULE_RANGES = {
+    "base_lr": "[0, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "warmup_epochs": "[0, inf)",
+    "weight_decay": "[0, inf)", "weight_decay_end": "[0, inf)", "betas": "[0, 1)",
+}
+
 TOKENS = ("pos_embed", "cls_token", "reg_token", "mask_token", "decoder_pos_embed", "dist_token")
 
 
@@ -101,11 +108,9 @@ class ScheduledModule(pl.LightningModule):
         wd_exempt_tokens: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in dict(base_lr=base_lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay).items():
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        if lr is not None and lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        options = dict(base_lr=base_lr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
+                       weight_decay_end=weight_decay_end, betas=betas)
+        check_options(type(self).__name__, options, SCHEDULE_RANGES)
         self.base_lr, self.lr, self.min_lr = base_lr, lr, min_lr
         self.warmup_epochs = warmup_epochs
         self.weight_decay = weight_decay

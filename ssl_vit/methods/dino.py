@@ -32,6 +32,7 @@ from ssl_vit.checkpoints.format import CHECKPOINT_KEY, stage_metadata
 from ssl_vit.data.gpu_augment import MultiCropGPUAugment, augment_batch, device_augment_for
 from ssl_vit.losses.dino import DINOLoss, teacher_stats
 from ssl_vit.methods.base import ScheduledModule, param_groups
+from ssl_vit.methods.options import check_options
 from ssl_vit.methods.schedules import at, cosine_schedule, linear_then_constant
 from ssl_vit.models.backbone import create_backbone
 from ssl_vit.models.dino_head import DINOHead, MultiCropNet
@@ -42,6 +43,12 @@ from ssl_vit.models.speed import configure_blocks
 # DINO's override (device-side augmentation) is deliberate.
 warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
 
+# Ranges of DINO's own options (``ssl_vit.methods.options``; the optimisation ones are the base's).
+DINO_RANGES = {
+    "drop_path_rate": "[0, 1]", "student_temp": "(0, inf)", "warmup_teacher_temp": "(0, inf)",
+    "teacher_temp": "(0, inf)", "warmup_teacher_temp_epochs": "[0, inf)", "momentum_teacher": "[0, 1]",
+    "center_momentum": "[0, 1]", "freeze_last_layer": "[0, inf)", "clip_grad": "[0, inf)",
+}
 NUM_GLOBAL_CROPS = 2  # the teacher sees the first two crops of every batch
 
 
@@ -155,20 +162,7 @@ class DINO(ScheduledModule):
             weight_decay_end=weight_decay_end, betas=betas, wd_exempt_tokens=wd_exempt_tokens,
         )
         self.save_hyperparameters()
-        temps = dict(student_temp=student_temp, warmup_teacher_temp=warmup_teacher_temp, teacher_temp=teacher_temp)
-        for name, value in temps.items():
-            if value <= 0:
-                raise ValueError(f"DINO: {name} must be > 0, got {value}")
-        for name, value in dict(momentum_teacher=momentum_teacher, center_momentum=center_momentum).items():
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"DINO: {name} must be in [0, 1], got {value}")
-        non_negative = dict(
-            warmup_teacher_temp_epochs=warmup_teacher_temp_epochs, freeze_last_layer=freeze_last_layer,
-            clip_grad=clip_grad, drop_path_rate=drop_path_rate,
-        )
-        for name, value in non_negative.items():
-            if value < 0:
-                raise ValueError(f"DINO: {name} must be >= 0, got {value}")
+        check_options("DINO", self.hparams, DINO_RANGES)
         if not teacher_temp_per_step and float(warmup_teacher_temp_epochs) != int(warmup_teacher_temp_epochs):
             raise ValueError(
                 f"DINO: warmup_teacher_temp_epochs={warmup_teacher_temp_epochs} is not a whole number of epochs; "

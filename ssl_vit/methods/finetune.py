@@ -20,6 +20,7 @@ from torchvision.transforms.functional import to_pil_image
 from ssl_vit.checkpoints.load import build_backbone
 from ssl_vit.methods.base import param_groups
 from ssl_vit.methods.classifier import ClassifierModule
+from ssl_vit.methods.options import check_options
 
 
 class FinetuneTransform:
@@ -56,8 +57,10 @@ class FinetuneTransform:
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ) -> None:
-        if size < 1 or not 0 <= re_prob <= 1 or not 0 <= hflip <= 1:
-            raise ValueError(f"FinetuneTransform: size >= 1 and probabilities in [0, 1] (size={size}, re_prob={re_prob}, hflip={hflip})")
+        options = dict(size=size, re_prob=re_prob, re_count=re_count, scale=scale, hflip=hflip, color_jitter=color_jitter,
+                       mean=mean, std=std)
+        check_options("FinetuneTransform", options, dict(size="[1, inf)", re_prob="[0, 1]", re_count="[0, inf)",
+                                                         scale="(0, 1]", hflip="[0, 1]", color_jitter="[0, inf)", std="(0, inf)"))
         self.transform = create_transform(
             input_size=size,
             is_training=True,
@@ -80,6 +83,13 @@ class FinetuneTransform:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.transform})"
+
+
+# Ranges of the finetuning options (``ssl_vit.methods.options``; the optimisation ones are the base's).
+FINETUNE_RANGES = {
+    "drop_path_rate": "[0, 1]", "layer_decay": "(0, 1]", "mixup": "[0, inf)", "cutmix": "[0, inf)",
+    "mixup_prob": "[0, 1]", "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1]", "head_init_std": "[0, inf)",
+}
 
 
 class Finetune(ClassifierModule):
@@ -133,15 +143,8 @@ class Finetune(ClassifierModule):
             base_lr=base_lr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
             weight_decay_end=weight_decay_end, betas=betas,
         )
-        if not 0 < layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
-        for name, value in dict(mixup=mixup, cutmix=cutmix, drop_path_rate=drop_path_rate).items():
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        for name, value in dict(mixup_prob=mixup_prob, mixup_switch_prob=mixup_switch_prob, label_smoothing=label_smoothing).items():
-            if not 0 <= value <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
         self.save_hyperparameters()
+        check_options("Finetune", self.hparams, FINETUNE_RANGES)
         kwargs = dict(backbone_kwargs or {})
         for key in ("global_pool", "drop_path_rate"):
             if key in kwargs:

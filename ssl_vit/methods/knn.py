@@ -16,6 +16,7 @@ from ssl_vit.eval.distributed import gather_rows, split_for_rank
 from ssl_vit.eval.features import Feature, check_feature, extract_features, vit_features
 from ssl_vit.eval.knn import KNN_TOP1, KNN_TOP5, knn_classify
 from ssl_vit.methods.classifier import resolve_num_classes
+from ssl_vit.methods.options import check_options
 
 
 class KNNEval(pl.LightningModule):
@@ -56,9 +57,8 @@ class KNNEval(pl.LightningModule):
         bank_on_cpu: bool = False,
     ) -> None:
         super().__init__()
-        if k < 1 or temperature <= 0:
-            raise ValueError(f"KNNEval needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
         self.save_hyperparameters()
+        check_options("KNNEval", self.hparams, dict(k="[1, inf)", temperature="(0, inf)", chunk_size="[1, inf)"))
         self.backbone, self.backbone_arch, self.backbone_kwargs = build_frozen_backbone(weights, arch, role, backbone_kwargs)
         check_feature(self.backbone, feature, 1)
         self.k, self.temperature, self.feature, self.chunk_size = k, temperature, feature, chunk_size

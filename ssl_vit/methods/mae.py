@@ -14,6 +14,7 @@ from torch import nn
 from ssl_vit.checkpoints.format import CHECKPOINT_KEY, stage_metadata
 from ssl_vit.losses.mae import denormalize_patches, mae_loss
 from ssl_vit.methods.base import ScheduledModule
+from ssl_vit.methods.options import check_options, check_some_visible
 from ssl_vit.models.backbone import create_backbone
 from ssl_vit.models.mae_decoder import MAEDecoder
 from ssl_vit.models.masked_vit import MaskedViT
@@ -120,14 +121,15 @@ class MAE(ScheduledModule):
             weight_decay=weight_decay, weight_decay_end=weight_decay_end, betas=betas, wd_exempt_tokens=wd_exempt_tokens,
         )
         self.save_hyperparameters()
-        if not 0.0 < mask_ratio < 1.0:  # 0 would leave no masked patch to learn from
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        # a mask_ratio of 0 would leave no masked patch to learn from
+        check_options("MAE", self.hparams, dict(mask_ratio="(0, 1)", drop_path_rate="[0, 1]", mlp_ratio="(0, inf)"))
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.backbone_arch, self.backbone_kwargs = mae_backbone_spec(
             arch, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio
         )
         vit = create_backbone(self.backbone_arch, drop_path_rate=drop_path_rate, **self.backbone_kwargs)
+        check_some_visible(mask_ratio, vit.patch_embed.num_patches)
         self.encoder = MaskedViT(vit)
         self.decoder = MAEDecoder(
             embed_dim=vit.embed_dim,

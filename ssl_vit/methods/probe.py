@@ -28,6 +28,7 @@ from ssl_vit.eval.distributed import gather_rows, split_for_rank
 from ssl_vit.eval.features import Feature, extract_features, feature_dim, vit_features
 from ssl_vit.methods.base import param_groups
 from ssl_vit.methods.classifier import ClassifierModule
+from ssl_vit.methods.options import check_options
 
 Protocol = Literal["mae", "dino"]
 # Protocol defaults: base lr (for a batch of 256) and warm-up epochs.
@@ -93,9 +94,8 @@ class LinearProbe(ClassifierModule):
             warmup_epochs=defaults["warmup_epochs"] if warmup_epochs is None else warmup_epochs,
             weight_decay=weight_decay,
         )
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.save_hyperparameters()
+        check_options("LinearProbe", self.hparams, dict(momentum="[0, 1)"))
         self.backbone, self.backbone_arch, self.backbone_kwargs = build_frozen_backbone(weights, arch, role, backbone_kwargs)
         self.protocol, self.feature, self.n_last_blocks, self.momentum = protocol, feature, n_last_blocks, momentum
         self.feature_dim = feature_dim(self.backbone, feature, n_last_blocks)

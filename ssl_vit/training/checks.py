@@ -7,16 +7,21 @@ patches: a transform reports the ``(H, W)`` of its outputs through an ``output_s
 (``PretrainTransform``, ``EvalTransform``, ``MultiCropTransform``); a transform without one is not
 checked.
 
-:func:`check_resume_config` is for the CLI: LightningCLI replaces the recipe's model configuration
-by the hyperparameters stored in a ``--ckpt_path`` checkpoint, so a checkpoint of another method or
-architecture would silently replace the recipe's model. It names every difference instead.
+:func:`check_resume_file` and :func:`check_resume_config` are for the CLI. The first refuses a
+``--ckpt_path`` file that cannot be read, naming the problem, before Lightning opens it. The second:
+LightningCLI replaces the recipe's model configuration by the hyperparameters stored in a
+``--ckpt_path`` checkpoint, so a checkpoint of another method or architecture would silently replace
+the recipe's model; it names every difference instead.
 """
 import os
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from ssl_vit.checkpoints.io import check_checkpoint_file
 
 Size = Tuple[int, int]
 
@@ -115,6 +120,28 @@ def remove_if_empty(folder: Optional[str]) -> None:
 
 
 # -- resuming through the CLI -----------------------------------------------------------------------
+# ``--ckpt_path`` values Lightning resolves itself (to a file of the run, or a registry model).
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def check_resume_file(ckpt_path: str) -> None:
+    """Raise one clear error, naming ``--ckpt_path`` and the problem, when the file cannot be read
+    as the training checkpoint Lightning will ``torch.load(weights_only=True)`` (see
+    ``ssl_vit.checkpoints.io.check_checkpoint_file``): without it, an empty file ends in a bare
+    ``EOFError``, a damaged one in a zip reader error, and a pickle with code in torch's advice to
+    load it with ``weights_only=False``. Lightning's names (``last``...), remote URLs and sharded
+    checkpoint folders are left to Lightning."""
+    if ckpt_path in LIGHTNING_CKPT_NAMES or ckpt_path.startswith("registry:") or "://" in ckpt_path:
+        return
+    path = Path(ckpt_path)
+    if path.is_dir() and not (path / "model.safetensors").is_file():
+        return  # a sharded checkpoint: the strategy reads it
+    try:
+        check_checkpoint_file(path, allowed=())  # Lightning allows no more than torch's own list
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"--ckpt_path: {err}") from None
+
+
 def _plain(value: Any) -> Any:
     """A jsonargparse ``Namespace`` (or anything else) as plain dicts / lists for comparison."""
     if hasattr(value, "as_dict"):

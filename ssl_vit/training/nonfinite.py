@@ -21,16 +21,27 @@ section of a recipe configures it). One optimiser step, as its hooks drive it:
    back, and roll back the held buffers (BatchNorm running statistics, the DINO centre), which
    moved during the forward pass.
 5. ``due`` / ``check`` (``on_train_batch_end``): every ``check_every`` optimiser steps, and at the
-   end of training, the host reads the skip counter and the first bad step (the only sync) and
-   raises ``NonFiniteError`` as the policy says.
+   end of training, the host reads the skip counter, the first bad step and whether every weight
+   the optimisers touch is finite (one foreach max-abs reduction over them, and the held buffers,
+   on the device; all three come back in the only sync) and raises ``NonFiniteError`` as the
+   policy says.
 
-The weights never take a non-finite value: a bad step is skipped on the device in both policies.
+A step with a bad loss or gradient is skipped on the device in both policies, so it never reaches the
+weights. An *update* can still make them non-finite with a finite loss and finite gradients (a
+learning rate or weight decay too large for the model): that cannot be undone, so it always stops
+the run, at the next check or at the next checkpoint save, whichever comes first. The guard checks
+the weights before every checkpoint is written (``on_save_checkpoint``) and refuses to save
+non-finite ones, and an error names a checkpoint to resume from only after reading it back and
+finding every tensor in it finite.
 """
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
+import os
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
+
+from ssl_vit.checkpoints.io import count_non_finite, safe_torch_load
 
 Policy = Literal["skip", "stop"]
 POLICIES = ("skip", "stop")
@@ -38,7 +49,8 @@ Reduce = Callable[[Tensor], Tensor]
 
 
 class NonFiniteError(RuntimeError):
-    """Training met non-finite losses or gradients and the policy says stop."""
+    """Training met non-finite losses or gradients and the policy says stop, or the weights became
+    non-finite."""
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -93,13 +105,19 @@ class NonFiniteGuard(pl.Callback):
         self.skipped: Optional[Tensor] = None  # int64 [], steps skipped since start
         self.first_bad: Optional[Tensor] = None  # int64 [], global step of the first skip, -1: none
         self.held: List[Tensor] = []
+        self.watched: List[Tensor] = []  # the parameters the optimisers update, and the held buffers
+        self._reduce: Reduce = _identity
+        self._checked_step = 0  # global step of the last host check
         self._held_before: List[Tensor] = []
         self._armed: Optional[torch.optim.Optimizer] = None
         self._snapshot: List[Tuple[Tensor, Tensor, Dict[str, Tensor]]] = []
         self._steps_since_check = 0
         self._every = check_every or 1
 
-    def start(self, device: torch.device, held: List[Tensor], loss_only: bool = False, check_every: int = 50) -> None:
+    def start(
+        self, device: torch.device, held: List[Tensor], loss_only: bool = False, check_every: int = 50,
+        params: Sequence[Tensor] = (), reduce: Reduce = _identity, step: int = 0,
+    ) -> None:
         """Reset the counters on ``device`` for a new run.
 
         Args:
@@ -107,6 +125,9 @@ class NonFiniteGuard(pl.Callback):
             held: buffers a skipped step must not move (BatchNorm statistics, the DINO centre).
             loss_only: a ``GradScaler`` handles non-finite gradients: flag non-finite losses only.
             check_every: used when the constructor's ``check_every`` is ``None``.
+            params: the parameters the optimisers update, checked finite (with ``held``) at every check.
+            reduce: max over processes of a float tensor (identity on one process).
+            step: the global step the run (re)starts at.
         """
         self._every = self.check_every or check_every
         self.loss_only = loss_only
@@ -116,6 +137,8 @@ class NonFiniteGuard(pl.Callback):
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.held = list(held)
         self._held_before = [t.detach().clone() for t in self.held]
+        self.watched = [p.detach() for p in params] + [t.detach() for t in self.held]
+        self._reduce, self._checked_step = reduce, step
         self._steps_since_check = 0
 
     def stop(self) -> None:
@@ -194,27 +217,47 @@ class NonFiniteGuard(pl.Callback):
         """Whether ``check_every`` optimiser steps passed since the last host check."""
         return self.active and self._steps_since_check >= self._every
 
-    def read(self) -> Tuple[int, int]:
-        """Host sync: ``(steps skipped since start, global step of the first, or -1)``."""
-        self._steps_since_check = 0
-        return int(self.skipped), int(self.first_bad)
+    @torch.no_grad()
+    def weights_bad(self) -> Tensor:
+        """bool ``[]`` on the device: some watched weight holds a NaN or inf, on any process. One
+        foreach max-abs reduction (an inf-norm cannot overflow, and NaN propagates through it)."""
+        if not self.watched:
+            return torch.zeros((), dtype=torch.bool, device=self.bad.device)
+        peak = torch.nn.utils.get_total_norm(self.watched, norm_type=float("inf"))
+        return self._reduce((~torch.isfinite(peak)).float().to(self.bad.device)) > 0
 
-    def check(self, last_checkpoint: str) -> None:
-        """Read the counters (a host sync) and raise ``NonFiniteError`` if the policy says so.
+    def read(self) -> Tuple[int, int, bool]:
+        """Host sync (one): ``(steps skipped since start, global step of the first or -1, whether
+        every watched weight is finite)``."""
+        self._steps_since_check = 0
+        skipped, first, bad = torch.stack([self.skipped, self.first_bad, self.weights_bad().long()]).tolist()
+        return skipped, first, not bad
+
+    def check(self, step: int, checkpoints: Sequence[str] = ()) -> None:
+        """Read the counters and the weights (a host sync) and raise ``NonFiniteError`` if the
+        weights are non-finite, or if the policy says so.
 
         Args:
-            last_checkpoint: path of the last checkpoint written, for the message ("" if none).
+            step: the current global step, for the message.
+            checkpoints: the run's checkpoint files, newest first: the message names the newest
+                one read back finite (see :func:`resume_advice`).
         """
         if not self.active:
             return
-        skipped, first = self.read()
+        since, self._checked_step = self._checked_step, step
+        skipped, first, weights_ok = self.read()
+        if not weights_ok:
+            raise NonFiniteError(
+                f"the weights became non-finite between global steps {since} and {step}, {self._skips(skipped, first)}: "
+                "an optimiser update made them so, which skipping steps cannot undo (a learning rate or weight decay "
+                f"too large for this model?). {resume_advice(checkpoints)}"
+            )
         if skipped == 0:
             return
         what = "non-finite loss" if self.loss_only else "non-finite loss or gradient norm"
-        where = last_checkpoint or "no checkpoint yet"
         tail = (
-            f"The weights are finite: the bad steps were skipped on the device. Last checkpoint: {where}. "
-            "Lower the learning rate, check the data, or resume from that checkpoint."
+            "The weights are finite (checked): the bad steps were skipped on the device. Lower the learning rate, "
+            f"check the data, or resume from a checkpoint. {resume_advice(checkpoints)}"
         )
         if self.policy == "stop":
             raise NonFiniteError(
@@ -226,11 +269,19 @@ class NonFiniteGuard(pl.Callback):
                 f"max_skipped_steps={self.max_skipped_steps}. {tail}"
             )
 
+    def _skips(self, skipped: int, first: int) -> str:
+        if skipped == 0:
+            return "with every loss and gradient norm finite"
+        return f"after {skipped} skipped step(s) (the first at global step {first})"
+
     # -- the Lightning hooks -------------------------------------------------------------------------
     def on_train_start(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         held = [b for b in module.buffers() if b.is_floating_point()]  # BatchNorm statistics, DINO centre
-        self.start(module.device, held, loss_only=scaler is not None, check_every=trainer.log_every_n_steps or 50)
+        params = list({id(p): p for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}.values())
+        reduce = (lambda t: module.all_gather(t).amax()) if trainer.world_size > 1 else _identity
+        self.start(module.device, held, loss_only=scaler is not None, check_every=trainer.log_every_n_steps or 50,
+                   params=params, reduce=reduce, step=trainer.global_step)
         module.step_skipped = self.bad
 
     def on_before_backward(self, trainer: "pl.Trainer", module: "pl.LightningModule", loss: Tensor) -> None:
@@ -248,8 +299,7 @@ class NonFiniteGuard(pl.Callback):
             # then uses grad_scale=None and the inf check of this call)
             scaler.unscale_(optimizer)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        reduce = (lambda t: module.all_gather(t).amax()) if trainer.world_size > 1 else _identity
-        _, norm = self.flag(grads, trainer.global_step, reduce)
+        _, norm = self.flag(grads, trainer.global_step, self._reduce)
         self.arm(optimizer)
         module.log_dict({"train/grad_norm": norm, "train/skipped_steps": self.skipped.float()},
                         on_step=True, on_epoch=False, batch_size=1)
@@ -259,10 +309,20 @@ class NonFiniteGuard(pl.Callback):
         if self._armed is not None:  # an optimiser step ran (not a micro-batch of accumulation)
             self.after_step()
         if self.due():
-            self.check(last_checkpoint_path(trainer))
+            self.check(trainer.global_step, checkpoint_files(trainer))
+
+    def on_save_checkpoint(self, trainer: "pl.Trainer", module: "pl.LightningModule", checkpoint: Dict[str, Any]) -> None:
+        """Refuse to write a checkpoint of non-finite weights (every process calls this hook on every
+        save, before anything is written): it could replace the last good one."""
+        if self.active and bool(self.weights_bad()):
+            raise NonFiniteError(
+                f"not saving the checkpoint of global step {trainer.global_step}: the weights are non-finite (an "
+                f"optimiser update made them so since global step {self._checked_step}, the last check). "
+                f"{resume_advice(checkpoint_files(trainer))}"
+            )
 
     def on_train_end(self, trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
-        self.check(last_checkpoint_path(trainer))
+        self.check(trainer.global_step, checkpoint_files(trainer))
         self.stop()
         module.step_skipped = None
 
@@ -271,9 +331,33 @@ class NonFiniteGuard(pl.Callback):
         module.step_skipped = None
 
 
-def last_checkpoint_path(trainer: "pl.Trainer") -> str:
-    """The most recent checkpoint of the trainer's checkpoint callback ("" if none yet)."""
-    callback = trainer.checkpoint_callback
-    if callback is None:
-        return ""
-    return getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "") or ""
+def checkpoint_files(trainer: "pl.Trainer") -> List[str]:
+    """The checkpoints the trainer's checkpoint callbacks know of (last, best, kept), newest first."""
+    paths = set()
+    for callback in trainer.checkpoint_callbacks:
+        paths.update([getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")])
+        paths.update(getattr(callback, "best_k_models", {}))
+    found = [p for p in paths if p and os.path.exists(p)]
+    return sorted(found, key=os.path.getmtime, reverse=True)
+
+
+def resume_advice(checkpoints: Sequence[str]) -> str:
+    """Which checkpoint to resume from: the newest of ``checkpoints`` that reads back with every
+    weight and optimiser-state tensor finite (``count_non_finite``), naming those passed over and why. A
+    sharded checkpoint (a folder) is not read back: the guard checked its weights when it was saved."""
+    if not checkpoints:
+        return "There is no checkpoint yet."
+    rejected = []
+    for path in checkpoints:
+        if os.path.isdir(path):
+            verdict = f"Resume from {path} (sharded: its weights were checked finite when it was saved)."
+            return " ".join(rejected + [verdict])
+        try:
+            bad = count_non_finite(safe_torch_load(path))
+        except (OSError, ValueError) as err:
+            rejected.append(f"Do not resume from {path}: it cannot be read back ({err}).")
+            continue
+        if bad == 0:
+            return " ".join(rejected + [f"Resume from {path} (read back: its weights and optimiser state are finite)."])
+        rejected.append(f"Do not resume from {path}: it holds {bad} non-finite tensor(s).")
+    return " ".join(rejected + ["No checkpoint of this run holds finite weights: start again."])

@@ -15,8 +15,9 @@ from pytorch_lightning.loggers import WandbLogger
 
 from ssl_vit.checkpoints.format import find_backbone
 from ssl_vit.models.backbone import patch_size
-from ssl_vit.viz.gallery import GalleryEntry, export_batch, render_columns, shared_scale, write_index
-from ssl_vit.viz.images import collect_images, prepare_image
+from ssl_vit.viz.gallery import export_batch, render_columns, shared_scale
+from ssl_vit.viz.images import MAX_TOKENS, TooManyPatches, collect_images, prepare_image
+from ssl_vit.viz.page import GalleryEntry, write_index
 
 
 def mosaic(image: np.ndarray, rendered: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -56,6 +57,8 @@ class AttentionGalleryLogger(pl.Callback):
         threshold: fraction of attention mass the masks keep.
         layer: block whose attention is shown (-1: last).
         rollout: add an attention-rollout column.
+        max_tokens: refuse (at the start of ``fit``) an image whose crop holds more patches than
+            this (``None``: no bound); the captured attention grows as its square.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class AttentionGalleryLogger(pl.Callback):
         threshold: float = 0.6,
         layer: int = -1,
         rollout: bool = False,
+        max_tokens: Optional[int] = MAX_TOKENS,
     ) -> None:
         super().__init__()
         if every_n_epochs < 1:
@@ -83,7 +87,7 @@ class AttentionGalleryLogger(pl.Callback):
             raise ValueError("AttentionGalleryLogger needs at least one image")
         self.num_images = num_images
         self.every_n_epochs, self.image_size, self.backbone = every_n_epochs, image_size, backbone
-        self.threshold, self.layer, self.rollout = threshold, layer, rollout
+        self.threshold, self.layer, self.rollout, self.max_tokens = threshold, layer, rollout, max_tokens
         self._images: List[Tuple[str, torch.Tensor]] = []  # (name, uint8 [3, H, W])
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -99,7 +103,9 @@ class AttentionGalleryLogger(pl.Callback):
         for source in sources:
             try:
                 with source.open() as image:
-                    self._images.append((source.name, prepare_image(image, self.image_size, patch)))
+                    self._images.append((source.name, prepare_image(image, self.image_size, patch, self.max_tokens)))
+            except TooManyPatches as err:
+                skipped.append({"path": source.origin, "reason": str(err)})
             except Exception as err:  # PIL raises many types for unreadable files
                 skipped.append({"path": source.origin, "reason": f"unreadable image: {err}"})
         if skipped:

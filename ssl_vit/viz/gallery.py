@@ -15,14 +15,13 @@ normalised, viridis-like colours, nearest upsampling to the image size), ``mask_
 patches keeping ``threshold`` of the attention mass) and ``overlay_<col>.png``. ``index.html``
 shows one row per image and one column per head, with relative links only (no server, no network).
 """
-import html
 import json
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
-from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -32,8 +31,10 @@ from tqdm.auto import tqdm
 from ssl_vit.models.backbone import patch_size
 from ssl_vit.viz.attention import attention_maps, best_head, jaccard_index, mass_threshold_masks
 from ssl_vit.viz.images import (
+    MAX_TOKENS,
     ImageSource,
     PathLike,
+    TooManyPatches,
     collect_images,
     crop_size,
     load_mask,
@@ -41,27 +42,9 @@ from ssl_vit.viz.images import (
     oriented_size,
     prepare_image,
 )
+from ssl_vit.viz.page import COLORMAP, GalleryEntry, write_index
 
 WRITER_THREADS = min(8, os.cpu_count() or 1)
-# Anchor colours of matplotlib's viridis at 0, 1/8, ..., 1 (interpolated linearly to 256 entries).
-_VIRIDIS = np.array(
-    [[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 145, 140],
-     [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37]], dtype=np.float64,
-)
-COLORMAP = np.stack(
-    [np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_VIRIDIS)), _VIRIDIS[:, c]) for c in range(3)], axis=1
-).round().astype(np.uint8)  # [256, 3]
-
-
-@dataclass
-class GalleryEntry:
-    """One row of ``index.html``: the image's folder name, its columns, optional scores, and the
-    row's colour scale (``shared_scale``)."""
-
-    name: str
-    columns: List[str]
-    scores: Dict[str, float] = field(default_factory=dict)
-    scale: Dict[str, float] = field(default_factory=dict)
 
 
 def heatmap(values: np.ndarray, size: Tuple[int, int], vmax: Optional[float] = None) -> np.ndarray:
@@ -137,70 +120,6 @@ def write_image_result(
         Image.fromarray(heat).save(directory / f"heat_{col}.png")
         Image.fromarray(mask).save(directory / f"mask_{col}.png")
         Image.fromarray(over).save(directory / f"overlay_{col}.png")
-
-
-def _link(name: str, file: str) -> str:
-    return quote(f"{name}/{file}")
-
-
-COLORBAR_NAME = "colorbar.png"
-
-
-def write_colorbar(output: Path) -> None:
-    """The colour scale, left (0) to right (the row's maximum), as ``colorbar.png``."""
-    Image.fromarray(np.repeat(COLORMAP[None], 12, axis=0)).save(Path(output) / COLORBAR_NAME)
-
-
-def _scale_cell(scale: Dict[str, float]) -> str:
-    """A row's colour bar, from 0 to its maximum, with the uniform level marked."""
-    if not scale or scale.get("vmax", 0) <= 0:
-        return "<td></td>"
-    vmax, uniform = scale["vmax"], scale["uniform"]
-    at = min(uniform / vmax, 1.0) * 100
-    text = f"0 &ndash; {vmax:.4f}<br>uniform {uniform:.4f}"
-    if "rollout_vmax" in scale:
-        text += f"<br>rollout: 0 &ndash; {scale['rollout_vmax']:.4f}"
-    return (f'<td class="scale"><div class="bar"><img src="{COLORBAR_NAME}" alt="colour scale">'
-            f'<span class="tick" style="left:{at:.1f}%"></span></div>{text}</td>')
-
-
-def write_index(output: Path, entries: Sequence[GalleryEntry], title: str, note: str = "") -> Path:
-    """``<output>/index.html``: one row per image, one column per head (+ mean, rollout, baseline),
-    the row's colour scale, and a layout that fits the page width."""
-    columns = entries[0].columns if entries else []
-    head = "".join(f"<th>{html.escape(col)}</th>" for col in ["image", *columns, "scale"])
-    write_colorbar(output)
-    rows = []
-    for entry in entries:
-        cells = [
-            f'<td><a href="{_link(entry.name, "image.png")}"><img src="{_link(entry.name, "image.png")}" alt=""></a>'
-            f'<br>{html.escape(entry.name)}<br><a href="{_link(entry.name, "attention.npy")}">attention.npy</a></td>'
-        ]
-        for col in entry.columns:
-            score = f"<br>J = {entry.scores[col]:.3f}" if col in entry.scores else ""
-            heat, over, mask = (_link(entry.name, f"{kind}_{col}.png") for kind in ("heat", "overlay", "mask"))
-            cells.append(
-                f'<td><a href="{heat}"><img src="{heat}" alt=""></a><a href="{over}"><img src="{over}" alt=""></a>'
-                f'<br><a href="{mask}">mask</a>{score}</td>'
-            )
-        cells.append(_scale_cell(entry.scale))
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    page = (
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title><style>"
-        "body{font-family:sans-serif;font-size:12px}table{table-layout:fixed;width:100%}"
-        "td,th{padding:2px;text-align:center;vertical-align:top;overflow-wrap:anywhere}"
-        "img{width:100%;max-width:160px;display:block;margin:auto;image-rendering:pixelated}"
-        ".bar{position:relative}.bar img{height:12px;max-width:none}"
-        ".tick{position:absolute;top:-3px;width:2px;height:18px;background:#d00}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(note)}</p><p>Every map of a row shares the colour scale "
-        "of its last column: 0 (dark) to the row's largest attention weight (yellow); the red tick marks "
-        "the uniform level (1 / patches), what attention spread evenly would show.</p>"
-        f"<table><tr>{head}</tr>\n"
-        + "\n".join(rows) + "\n</table></body></html>\n"
-    )
-    path = Path(output) / "index.html"
-    path.write_text(page, encoding="utf-8")
-    return path
 
 
 def write_json(path: Path, payload: object) -> None:
@@ -290,6 +209,44 @@ def _jaccard_report(scores: Dict[str, Dict[str, float]], missing: List[str], thr
     }
 
 
+Groups = Dict[Tuple[int, int], List[Tuple[int, ImageSource, Tuple[int, int]]]]
+
+
+class _Skips(list):
+    """``skipped.json``'s entries; each skip also warns, naming the input and why."""
+
+    def add(self, origin: str, reason: str) -> None:
+        self.append({"path": origin, "reason": reason})
+        warnings.warn(f"attention export: skipped {origin}: {reason}", stacklevel=3)
+
+
+def _plan(sources: Sequence[ImageSource], image_size: int, patch: int, max_tokens: Optional[int], skipped: _Skips) -> Groups:
+    """Images grouped by the crop size the model will see, from their headers only; unreadable
+    images and those over ``max_tokens`` patches are skipped before anything is decoded."""
+    groups: Groups = {}
+    for order, source in enumerate(sources):
+        try:
+            with source.open() as image:
+                size = oriented_size(image)
+        except Exception as err:  # PIL raises many types for unreadable files
+            skipped.add(source.origin, f"unreadable image: {err}")
+            continue
+        try:
+            crop = crop_size(*size, image_size, patch, max_tokens)
+        except TooManyPatches as err:
+            skipped.add(source.origin, str(err))
+            continue
+        groups.setdefault(crop, []).append((order, source, size))
+    return groups
+
+
+def batch_size_for(crop: Tuple[int, int], patch: int, batch_size: int, max_tokens: Optional[int]) -> int:
+    """Images per forward pass at ``crop`` (H, W): ``batch_size``, fewer for large crops, so that a
+    batch's captured attention (``B x T^2`` per head) never exceeds one image at ``max_tokens``."""
+    tokens = (crop[0] // patch) * (crop[1] // patch)
+    return batch_size if max_tokens is None else max(1, min(batch_size, max_tokens ** 2 // tokens ** 2))
+
+
 def export_attention(
     model: torch.nn.Module,
     images: Sequence[PathLike],
@@ -302,6 +259,7 @@ def export_attention(
     masks: Optional[PathLike] = None,
     progress: bool = True,
     baseline: Optional[torch.nn.Module] = None,
+    max_tokens: Optional[int] = MAX_TOKENS,
 ) -> ExportResult:
     """Export the attention gallery of ``images`` (files, folders, shard patterns) to ``output``.
 
@@ -309,15 +267,21 @@ def export_attention(
     of a 32-px model upsampled from 224-px input looks smooth and meaningful even from random
     weights. ``baseline`` adds that model's maps (e.g. random weights) beside each row.
 
-    Unreadable images and non-image files are skipped and listed in ``skipped.json``; when no image
-    can be read a ``ValueError`` is raised. With ``masks`` (a folder of binary PNGs named like the
-    images' stems), the Jaccard index of each column's mask with the foreground is written to
-    ``jaccard.json`` (``best`` is the best head per image; images without a mask are listed).
+    Unreadable images, non-image files and images whose crop would hold more than ``max_tokens``
+    patches (a thin 1x1000 image becomes 32x32000 px at a 32-px shorter side; ``None``: no bound)
+    are skipped, each with a warning naming it, and listed in ``skipped.json``; when no image can be
+    read a ``ValueError`` is raised. Batches of large crops are made smaller (``batch_size_for``).
+    ``index.html`` is written for the images done even when a batch fails (the error names the
+    batch's images). With ``masks`` (a folder of binary PNGs named like the images' stems), the
+    Jaccard index of each column's mask with the foreground is written to ``jaccard.json``
+    (``best`` is the best head per image; images without a mask are listed).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
     patch = patch_size(model)
     native = min(int(s) for s in model.patch_embed.img_size)
     image_size = native if image_size is None else int(image_size)
@@ -327,17 +291,9 @@ def export_attention(
     if masks_dir is not None and not masks_dir.is_dir():
         raise FileNotFoundError(f"--masks: {masks_dir} is not a folder")
     output = Path(output)
-    sources, skipped = collect_images(images)
-
-    groups: Dict[Tuple[int, int], List[Tuple[int, ImageSource, Tuple[int, int]]]] = {}
-    for order, source in enumerate(sources):
-        try:
-            with source.open() as image:
-                size = oriented_size(image)
-        except Exception as err:  # PIL raises many types for unreadable files
-            skipped.append({"path": source.origin, "reason": f"unreadable image: {err}"})
-            continue
-        groups.setdefault(crop_size(*size, image_size, patch), []).append((order, source, size))
+    sources, found_skips = collect_images(images)
+    skipped = _Skips(found_skips)
+    groups = _plan(sources, image_size, patch, max_tokens, skipped)
     planned = sum(len(g) for g in groups.values())
     if planned == 0:
         raise ValueError(f"no readable images in {[str(i) for i in images]} ({len(skipped)} inputs skipped)")
@@ -346,56 +302,64 @@ def export_attention(
     entries: Dict[int, GalleryEntry] = {}
     scores: Dict[str, Dict[str, float]] = {}
     missing: List[str] = []
+    resolution = (f"at the model's own resolution ({image_size} px)" if image_size == native else
+                  f"at {image_size} px (the model was built for {native} px)")
+    note = f"layer {layer}, {resolution}, masks keep {threshold:.0%} of the attention mass"
+    if baseline is not None:
+        note += "; baseline_* columns: the baseline model's maps (e.g. random weights) on the same scale"
     bar = tqdm(total=planned, unit="img", disable=not progress, desc="attention")
-    for members in groups.values():
-        for start in range(0, len(members), batch_size):
-            loaded, targets = [], []
-            for order, source, size in members[start:start + batch_size]:
-                try:
-                    with source.open() as image:
-                        tensor = prepare_image(image, image_size, patch)
-                except Exception as err:
-                    skipped.append({"path": source.origin, "reason": f"unreadable image: {err}"})
+    try:
+        for crop, members in groups.items():
+            step = batch_size_for(crop, patch, batch_size, max_tokens)
+            for start in range(0, len(members), step):
+                loaded, targets = [], []
+                for order, source, size in members[start:start + step]:
+                    try:
+                        with source.open() as image:
+                            tensor = prepare_image(image, image_size, patch)
+                    except Exception as err:
+                        skipped.add(source.origin, f"unreadable image: {err}")
+                        continue
+                    target = None
+                    if masks_dir is not None:
+                        mask_path = masks_dir / f"{source.stem}.png"
+                        if mask_path.is_file():
+                            target = load_mask(mask_path, size, image_size, patch)
+                        else:
+                            missing.append(source.name)
+                    loaded.append((order, source, tensor))
+                    targets.append(target)
+                bar.update(len(members[start:start + step]))
+                if not loaded:
                     continue
-                target = None
-                if masks_dir is not None:
-                    mask_path = masks_dir / f"{source.stem}.png"
-                    if mask_path.is_file():
-                        target = load_mask(mask_path, size, image_size, patch)
-                    else:
-                        missing.append(source.name)
-                loaded.append((order, source, tensor))
-                targets.append(target)
-            bar.update(len(members[start:start + batch_size]))
-            if not loaded:
-                continue
-            names = [source.name for _, source, _ in loaded]
-            results = export_batch(model, torch.stack([t for _, _, t in loaded]), names, output, threshold, layer,
-                                   rollout, baseline)
-            for (order, source, _), (maps, masks_np), target in zip(loaded, results, targets):
-                entry = GalleryEntry(source.name, list(maps), scale=shared_scale(maps))
-                if target is not None:
-                    values = jaccard_index(torch.from_numpy(np.stack(list(masks_np.values()))), target)
-                    entry.scores = {col: float(values[i]) for i, col in enumerate(maps)}
-                    heads = torch.tensor([entry.scores[c] for c in maps if c.startswith("head_")], dtype=torch.float64)
-                    index, value = best_head(heads)
-                    scores[source.name] = {**entry.scores, "best": value, "best_head": index}
-                entries[order] = entry
-    bar.close()
+                names = [source.name for _, source, _ in loaded]
+                try:
+                    results = export_batch(model, torch.stack([t for _, _, t in loaded]), names, output, threshold,
+                                           layer, rollout, baseline)
+                except Exception as err:  # out of memory, most often: name the images
+                    origins = ", ".join(source.origin for _, source, _ in loaded)
+                    raise RuntimeError(f"attention export failed on {origins} ({crop[1]}x{crop[0]} px, "
+                                       f"{crop[0] * crop[1] // patch ** 2} patches each): {err}") from err
+                for (order, source, _), (maps, masks_np), target in zip(loaded, results, targets):
+                    entry = GalleryEntry(source.name, list(maps), scale=shared_scale(maps))
+                    if target is not None:
+                        values = jaccard_index(torch.from_numpy(np.stack(list(masks_np.values()))), target)
+                        entry.scores = {col: float(values[i]) for i, col in enumerate(maps)}
+                        heads = torch.tensor([entry.scores[c] for c in maps if c.startswith("head_")], dtype=torch.float64)
+                        index, value = best_head(heads)
+                        scores[source.name] = {**entry.scores, "best": value, "best_head": index}
+                    entries[order] = entry
+    finally:  # the page of what is done, even when a batch failed
+        bar.close()
+        write_json(output / "skipped.json", skipped)
+        if entries:
+            write_index(output, [entries[k] for k in sorted(entries)], "Self-attention maps", note)
     if not entries:
         raise ValueError(f"no readable images in {[str(i) for i in images]} ({len(skipped)} inputs skipped)")
-    ordered = [entries[k] for k in sorted(entries)]
-    write_json(output / "skipped.json", skipped)
     report = None
     if masks_dir is not None:
         if not scores:
             raise ValueError(f"--masks: no mask in {masks_dir} matches an image stem (expected <stem>.png)")
         report = _jaccard_report(scores, missing, threshold, layer)
         write_json(output / "jaccard.json", report)
-    resolution = (f"at the model's own resolution ({image_size} px)" if image_size == native else
-                  f"at {image_size} px (the model was built for {native} px)")
-    note = f"layer {layer}, {resolution}, masks keep {threshold:.0%} of the attention mass"
-    if baseline is not None:
-        note += "; baseline_* columns: the baseline model's maps (e.g. random weights) on the same scale"
-    write_index(output, ordered, "Self-attention maps", note)
-    return ExportResult(output, [e.name for e in ordered], skipped, report)
+    return ExportResult(output, [entries[k].name for k in sorted(entries)], list(skipped), report)

@@ -18,6 +18,14 @@ from ssl_vit.data.decode import IMAGE_SUFFIXES, open_image, to_rgb
 
 PathLike = Union[str, Path]
 RESERVED_NAMES = {"index.html", "skipped.json", "jaccard.json"}
+# Patches an image may give the attention tools. The captured attention is [heads, T, T] float32 per
+# image: 64 MB per head at this bound; a thin 1x1000 image resized to a 32-px shorter side gives
+# 32x32000 px, 64,000 patches of 4 px and 16 GB per head.
+MAX_TOKENS = 4096
+
+
+class TooManyPatches(ValueError):
+    """An image whose resized crop would give more patches than ``max_tokens``."""
 
 
 @dataclass
@@ -123,11 +131,21 @@ def resized_size(width: int, height: int, image_size: int) -> Tuple[int, int]:
     return image_size, max(1, round(width * image_size / height))
 
 
-def crop_size(width: int, height: int, image_size: int, patch: int) -> Tuple[int, int]:
-    """``(H, W)`` of the center crop the model sees: the resized size rounded down to patches."""
+def crop_size(width: int, height: int, image_size: int, patch: int, max_tokens: Optional[int] = None) -> Tuple[int, int]:
+    """``(H, W)`` of the center crop the model sees: the resized size rounded down to patches.
+
+    Raises:
+        TooManyPatches: the crop holds more than ``max_tokens`` patches (``None``: no bound).
+    """
     h, w = resized_size(width, height, image_size)
     if h < patch or w < patch:
         raise ValueError(f"image_size {image_size} gives {h}x{w}, smaller than the patch size {patch}")
+    tokens = (h // patch) * (w // patch)
+    if max_tokens is not None and tokens > max_tokens:
+        raise TooManyPatches(
+            f"a {width}x{height} image resized to a {image_size}-px shorter side is {w}x{h} px: {tokens} patches of "
+            f"{patch} px, more than max_tokens={max_tokens} (crop it, or raise max_tokens if memory allows)"
+        )
     return h // patch * patch, w // patch * patch
 
 
@@ -138,8 +156,13 @@ def oriented_size(image: Image.Image) -> Tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def prepare_image(image: Image.Image, image_size: int, patch: int) -> torch.Tensor:
-    """Resize (shorter side = ``image_size``) and center-crop to patch multiples: uint8 ``[3, H, W]``."""
+def prepare_image(image: Image.Image, image_size: int, patch: int, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """Resize (shorter side = ``image_size``) and center-crop to patch multiples: uint8 ``[3, H, W]``.
+
+    Raises:
+        TooManyPatches: before any resizing, when the crop would hold more than ``max_tokens`` patches.
+    """
+    crop_size(*oriented_size(image), image_size, patch, max_tokens)
     image = to_rgb(image)
     size = resized_size(*image.size, image_size)
     image = TF.resize(image, list(size), antialias=True)

@@ -198,6 +198,18 @@ def test_mask_ratio_outside_zero_one(ratio, data, tmp_path, started, capsys):
     assert f"mask_ratio must be in (0, 1), got {float(ratio)}" in error
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("lr", ".inf", "MAE: lr must be a finite number, got inf"),
+    ("weight_decay", ".nan", "MAE: weight_decay must be a finite number, got nan"),
+    ("weight_decay_end", ".nan", "MAE: weight_decay_end must be a finite number, got nan"),
+    ("mask_ratio", "0.99", "mask_ratio=0.99 leaves no patch visible"),
+])
+def test_non_finite_or_impossible_settings_are_refused_naming_the_option(option, value, expected, data, tmp_path,
+                                                                        started, capsys):
+    error = refused(base_args(SMOKE_MAE, data, tmp_path) + [f"--model.{option}", value], started, capsys)
+    assert expected in error
+
+
 def test_probe_class_count_disagreeing_with_the_shards_json(data, tmp_path, started, capsys):
     error = refused(base_args(probe_recipe(tmp_path, data, num_classes=10), data, tmp_path), started, capsys)
     assert "num_classes=10 is given, but the datamodule has 2 classes" in error

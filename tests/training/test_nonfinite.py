@@ -159,7 +159,8 @@ def test_dino_skips_a_nan_batch_student_teacher_centre_and_batchnorm_as_before()
 
 
 def test_without_the_guard_the_nan_batch_would_poison_dino(monkeypatch):
-    """The control: with the decision forced to "good", the same run ends with NaN weights."""
+    """The control: with the decision forced to "good", the same run ends with NaN weights (which the
+    guard's end-of-training weight check then reports)."""
     original = NonFiniteGuard.flag
 
     def never_bad(self, grads, step, reduce=lambda t: t):
@@ -169,7 +170,8 @@ def test_without_the_guard_the_nan_batch_would_poison_dino(monkeypatch):
 
     monkeypatch.setattr(NonFiniteGuard, "flag", never_bad)
     model = dino()
-    trainer(max_steps=3).fit(model, datamodule=Data(3, bad=[1], views=True))
+    with pytest.raises(NonFiniteError, match="the weights became non-finite"):
+        trainer(max_steps=3).fit(model, datamodule=Data(3, bad=[1], views=True))
     assert not bool(torch.isfinite(model.loss.center).all())
     assert not all(bool(torch.isfinite(p).all()) for p in model.teacher.parameters())
 

@@ -253,3 +253,53 @@ def test_tool_end_to_end(vit, folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tool.main(argv[:2] + ["--images", str(folder / "notes.txt"), "--output", str(tmp_path / "o"), "--no-progress"])
     assert exit_info.value.code != 0 and "no readable images" in str(exit_info.value.code)
+
+
+# -- thin images: a bounded token count, skips named, the page always written ----------------------
+def test_a_thin_image_is_skipped_with_a_warning_naming_it_and_the_others_are_exported(vit, tmp_path):
+    """A 1x300 PNG at a 32-px shorter side becomes 32x9600 px: 4,800 patches of 8 px (the issue's
+    1x1000 image gave 64,000 at 4 px and a 32 GB allocation). It is skipped before it is decoded."""
+    root = tmp_path / "images"
+    save_image(root / "good.png", 32, 32, 0)
+    thin = save_image(root / "thin.png", 1, 300, 1)
+    with pytest.warns(UserWarning, match=rf"skipped {thin}: a 1x300 image .* is 32x9600 px: 4800 patches of 8 px, "
+                                         r"more than max_tokens=4096"):
+        result = export_attention(vit, [root], tmp_path / "out", image_size=32, progress=False)
+    assert result.exported == ["good"]
+    assert [s["path"] for s in result.skipped] == [str(thin)]
+    assert json.loads((tmp_path / "out" / "skipped.json").read_text())[0]["path"] == str(thin)
+    assert check_gallery(tmp_path / "out").rows == 2  # the header and the good image
+    assert not (tmp_path / "out" / "thin").exists()
+    assert export_attention(vit, [thin], tmp_path / "all", image_size=32, progress=False, max_tokens=None).exported == ["thin"]
+
+
+def test_large_crops_go_in_smaller_batches():
+    assert gallery.batch_size_for((224, 224), 16, 16, 4096) == 16  # 196 patches
+    assert gallery.batch_size_for((512, 512), 8, 16, 4096) == 1  # 4,096 patches: one image's worth
+    assert gallery.batch_size_for((512, 256), 8, 16, 4096) == 4
+    assert gallery.batch_size_for((512, 512), 8, 16, None) == 16
+
+
+def test_the_page_of_the_images_done_is_written_when_a_batch_fails(vit, folder, tmp_path, monkeypatch):
+    calls = []
+    original = gallery.export_batch
+
+    def fail_second(model, images, names, *args, **kwargs):
+        calls.append(names)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return original(model, images, names, *args, **kwargs)
+
+    monkeypatch.setattr(gallery, "export_batch", fail_second)
+    with pytest.raises(RuntimeError, match=r"attention export failed on .*images.* \(\d+x\d+ px, \d+ patches each\): "
+                                           r"out of memory \(simulated\)"):
+        export_attention(vit, [folder], tmp_path / "out", image_size=32, batch_size=1, progress=False)
+    parser = check_gallery(tmp_path / "out")
+    assert parser.rows == 2 and calls[0][0] in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_prepare_image_refuses_too_many_patches_before_resizing():
+    thin = Image.new("RGB", (1, 300))
+    with pytest.raises(ValueError, match="a 1x300 image .* 4800 patches of 8 px, more than max_tokens=4096"):
+        prepare_image(thin, 32, 8, max_tokens=4096)
+    assert prepare_image(thin, 32, 8).shape == (3, 9600, 32)
