@@ -21,7 +21,7 @@ from ssl_vit.checkpoints.timm_export import export_backbone
 from ssl_vit.models.backbone import create_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
-SMOKE = str(ROOT / "recipes" / "smoke" / "mae.yaml")
+SMOKE = str(ROOT / "ssl_vit" / "recipes" / "smoke" / "mae.yaml")
 
 
 def _truncated(path: Path) -> None:
