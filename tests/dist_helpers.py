@@ -1,6 +1,8 @@
 """What the multi-process and SLURM tests share: shards whose labels name the samples, a clean
 environment for launching the CLI in subprocesses, and a one-thread fixture."""
 import os
+import signal
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -61,6 +63,20 @@ def clean_env(**extra: str) -> Dict[str, str]:
     env["WANDB_MODE"] = "offline"
     env.update(extra)
     return env
+
+
+def run_in_own_session(command: List[str], env: Dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` from the repository root in a session (and process group) of its own, as a
+    batch step or a terminal job runs; on a timeout (a hung run) every process it started is killed."""
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def torchrun() -> List[str]:

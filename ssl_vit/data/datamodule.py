@@ -22,7 +22,6 @@ ranks and workers). Both are exact when the resumed run has the same batch size,
 """
 import logging
 import math
-import signal
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
@@ -36,16 +35,9 @@ from ssl_vit.data.resume import ResumableLoader, ResumableSampler, call_seeded, 
 from ssl_vit.data.shard_info import ShardInfo, load_shard_info
 from ssl_vit.data.shards import list_image_folder
 from ssl_vit.data.transforms import EvalTransform, PretrainTransform
+from ssl_vit.data.workers import IgnoreSignals
 
 logger = logging.getLogger(__name__)
-
-
-def _ignore_requeue_signal(worker_id: int) -> None:
-    """DataLoader workers ignore SIGUSR1: SLURM sends it to every process of a task before the time
-    limit, and only the main process acts on it (``ssl_vit.training.Preemption``). Workers started
-    with ``spawn``/``forkserver`` would otherwise die of it (its default action is to terminate)."""
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class _BaseDataModule(pl.LightningDataModule):
@@ -141,7 +133,7 @@ class _BaseDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=False,
-            worker_init_fn=_ignore_requeue_signal,
+            worker_init_fn=IgnoreSignals(),  # the signals the main process answers (ssl_vit.data.workers)
         )
 
     @staticmethod
