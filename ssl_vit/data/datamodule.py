@@ -19,6 +19,11 @@ augmentations are seeded per sample (``ShardDataModule``: by seed, epoch, rank, 
 in the reader's epoch; ``ImageFolderDataModule``: by seed, epoch and file index, independent of
 ranks and workers). Both are exact when the resumed run has the same batch size, ``num_workers``
 (shards) and world size, and, for shards, when the skipped part held no corrupt sample.
+
+**Timeouts** (:mod:`ssl_vit.data.stall`). ``worker_timeout`` (both, default 600 s) bounds the wait for
+one batch from the workers; ``read_timeout`` (shards, default 300 s) bounds each read from a shard
+behind a pipe or socket. Past either, the run stops naming the worker or the shard; 0 or None: off.
+DataLoader workers ignore the signals the main process answers (:mod:`ssl_vit.data.workers`).
 """
 import logging
 import math
@@ -34,6 +39,7 @@ from ssl_vit.data.pipeline import ShardStream
 from ssl_vit.data.resume import ResumableLoader, ResumableSampler, call_seeded, sample_seed
 from ssl_vit.data.shard_info import ShardInfo, load_shard_info
 from ssl_vit.data.shards import list_image_folder
+from ssl_vit.data.stall import DEFAULT_READ_TIMEOUT_S, DEFAULT_WORKER_TIMEOUT_S, check_timeout
 from ssl_vit.data.transforms import EvalTransform, PretrainTransform
 from ssl_vit.data.workers import IgnoreSignals
 
@@ -54,6 +60,7 @@ class _BaseDataModule(pl.LightningDataModule):
         pin_memory: bool,
         rank: Optional[int],
         world_size: Optional[int],
+        worker_timeout: Optional[float],
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -71,6 +78,7 @@ class _BaseDataModule(pl.LightningDataModule):
         self.val_transform = EvalTransform() if val_transform is None else val_transform
         self.max_corrupt_fraction, self.pin_memory = max_corrupt_fraction, pin_memory
         self._rank, self._world_size = rank, world_size
+        self.worker_timeout = check_timeout("worker_timeout", worker_timeout)
         self._epoch = 0
 
     # -- subclasses provide these -----------------------------------------------------------------
@@ -133,6 +141,7 @@ class _BaseDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=False,
+            timeout=self.worker_timeout if self.num_workers else 0,  # ssl_vit.data.stall
             worker_init_fn=IgnoreSignals(),  # the signals the main process answers (ssl_vit.data.workers)
         )
 
@@ -163,6 +172,11 @@ class ShardDataModule(_BaseDataModule):
         pin_memory: pin batches (when CUDA is available).
         rank: this process's rank when ``torch.distributed`` is not initialised.
         world_size: the number of ranks when ``torch.distributed`` is not initialised.
+        read_timeout: seconds a read from a shard behind a pipe or socket (``pipe:``, ``http(s)://``)
+            may wait for data before the run stops naming the shard (default 300; 0 or None: no
+            limit). See :mod:`ssl_vit.data.stall`.
+        worker_timeout: seconds the main process waits for one batch from its DataLoader workers
+            before the run stops naming the worker (default 600; 0 or None: no limit).
     """
 
     def __init__(
@@ -182,10 +196,14 @@ class ShardDataModule(_BaseDataModule):
         pin_memory: bool = True,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        read_timeout: Optional[float] = DEFAULT_READ_TIMEOUT_S,
+        worker_timeout: Optional[float] = DEFAULT_WORKER_TIMEOUT_S,
     ) -> None:
         super().__init__(
-            batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction, pin_memory, rank, world_size
+            batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction, pin_memory, rank,
+            world_size, worker_timeout,
         )
+        self.read_timeout = check_timeout("read_timeout", read_timeout)
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.train, self.val, self.train_info, self.val_info = train, val, train_info, val_info
@@ -222,6 +240,7 @@ class ShardDataModule(_BaseDataModule):
             shuffle_buffer=self.shuffle_buffer,
             max_corrupt_fraction=self.max_corrupt_fraction,
             num_classes=self.num_classes,
+            read_timeout=self.read_timeout,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -290,7 +309,7 @@ class ImageFolderDataModule(_BaseDataModule):
         train: training ImageFolder root.
         val: validation ImageFolder root (optional).
         batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction,
-        pin_memory, rank, world_size: as for :class:`ShardDataModule`.
+        pin_memory, rank, world_size, worker_timeout: as for :class:`ShardDataModule`.
     """
 
     def __init__(
@@ -306,9 +325,11 @@ class ImageFolderDataModule(_BaseDataModule):
         pin_memory: bool = True,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        worker_timeout: Optional[float] = DEFAULT_WORKER_TIMEOUT_S,
     ) -> None:
         super().__init__(
-            batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction, pin_memory, rank, world_size
+            batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction, pin_memory, rank,
+            world_size, worker_timeout,
         )
         self.train, self.val = train, val
         self._datasets: dict = {}

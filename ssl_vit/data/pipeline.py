@@ -27,7 +27,9 @@ hold. The fraction is evaluated per reader (one DataLoader worker of one rank) o
 decoded in the current epoch: after each corrupt sample once at least ``min_checked`` (100) samples
 were decoded, and at the end of the reader's epoch whatever the count (a small epoch is judged
 whole). Past ``max_corrupt_fraction`` the reader raises :class:`CorruptDataError` naming the shards.
-A shard that cannot be opened or read as a tar raises :class:`ShardReadError` naming it.
+A shard that cannot be opened or read as a tar raises :class:`ShardReadError` naming it; one behind a
+pipe or socket that delivers no byte for ``read_timeout`` seconds raises
+:class:`~ssl_vit.data.stall.ShardStallError` naming it (see :mod:`ssl_vit.data.stall`).
 
 **Resuming part-way** (``set_epoch(epoch, skip_batches)``, see :mod:`ssl_vit.data.resume`). The
 DataLoader takes whole batches from its ``W`` workers in turn (batch ``i`` from worker ``i % W``) and
@@ -46,7 +48,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import IterableDataset
 from webdataset.filters import shuffle
-from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ssl_vit.data.decode import (
@@ -59,20 +60,26 @@ from ssl_vit.data.decode import (
 )
 from ssl_vit.data.resume import call_seeded, sample_seed
 from ssl_vit.data.shard_info import ShardInfo
+from ssl_vit.data.stall import open_shard
 
 logger = logging.getLogger(__name__)
 
 
 # -- the stream -----------------------------------------------------------------------------------
-def _read_shard(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Dict[str, Any]]:
-    """Raw samples ``start:stop`` of one shard (suffix -> bytes, plus ``__key__``/``__url__``)."""
+def _read_shard(
+    url: str, start: int = 0, stop: Optional[int] = None, read_timeout: float = 0.0
+) -> Iterator[Dict[str, Any]]:
+    """Raw samples ``start:stop`` of one shard (suffix -> bytes, plus ``__key__``/``__url__``); a pipe or
+    socket stream waits at most ``read_timeout`` seconds (0: for ever) for each read."""
     try:
-        stream = gopen(url, "rb")
+        stream = open_shard(url, read_timeout)
     except Exception as exc:
         raise ShardReadError(f"cannot open shard {url}: {exc}") from exc
     try:
         files = tar_file_expander([dict(url=url, stream=stream)], select_files=wanted_member)
         yield from islice(group_by_keys(files), start, stop)
+    except ShardReadError:
+        raise
     except Exception as exc:  # tarfile.ReadError, OSError, a duplicate member name (ValueError)...
         raise ShardReadError(f"cannot read shard {url}: {exc}") from exc
     finally:
@@ -94,6 +101,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: samples held by each reader's shuffle buffer (0 or 1: no shuffling).
         max_corrupt_fraction: tolerated fraction of corrupt samples per reader.
         num_classes: labels must lie in ``[0, num_classes)`` (0: unchecked).
+        read_timeout: seconds a read from a pipe/socket shard may wait for bytes (0: for ever).
     """
 
     def __init__(
@@ -110,6 +118,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         max_corrupt_fraction: float = 0.01,
         num_classes: int = 0,
+        read_timeout: float = 0.0,
     ) -> None:
         super().__init__()
         if info.num_samples < 1:
@@ -126,6 +135,7 @@ class ShardStream(IterableDataset):
         self.resampled = resampled and train
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.max_corrupt_fraction, self.num_classes = max_corrupt_fraction, num_classes
+        self.read_timeout = read_timeout
         self.epoch = 0
         self.skip_batches = 0
         self.stats: Dict[str, Any] = {}  # the last epoch's counts of the reader in this process
@@ -179,7 +189,7 @@ class ShardStream(IterableDataset):
             lo = pos - offsets[i]
             take = min(counts[order[i]] - lo, count)
             url, read = self.info.urls[order[i]], 0
-            for sample in _read_shard(url, lo, lo + take):
+            for sample in _read_shard(url, lo, lo + take, self.read_timeout):
                 read += 1
                 yield sample
             if read < take:  # a tar cut at a member boundary, or rewritten, ends early without an error
@@ -192,7 +202,7 @@ class ShardStream(IterableDataset):
 
     def _resampled(self, rng: random.Random) -> Iterator[Dict[str, Any]]:
         while True:
-            yield from _read_shard(rng.choice(self.info.urls))
+            yield from _read_shard(rng.choice(self.info.urls), read_timeout=self.read_timeout)
 
     def _decoded(self, raw: Iterator[Dict[str, Any]], counter: CorruptCounter) -> Iterator[Tuple[Any, int]]:
         for sample in raw:

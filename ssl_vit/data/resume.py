@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
+from ssl_vit.data.stall import worker_stall_error
+
 logger = logging.getLogger(__name__)
 
 
@@ -85,6 +87,7 @@ class _Deferred:
     def __init__(self, loader: "ResumableLoader") -> None:
         self.loader = loader
         self.iterator: Optional[Iterator] = None
+        self.batches = 0  # handed out since the iterator started
 
     def __iter__(self) -> "_Deferred":
         return self
@@ -93,7 +96,12 @@ class _Deferred:
         if self.iterator is None:
             self.iterator = self.loader._start()
         try:
-            return next(self.iterator)
+            batch = next(self.iterator)
+        except RuntimeError as exc:  # torch's worker timeout says neither which worker nor which option
+            stalled = worker_stall_error(exc, self.batches, self.loader.num_workers)
+            if stalled is None:
+                raise
+            raise stalled from exc
         except (ConnectionError, EOFError) as exc:
             # A worker killed (out-of-memory killer...) after sending a batch but before the main
             # process fetched its shared-memory descriptor surfaces here, not as torch's
@@ -101,6 +109,8 @@ class _Deferred:
             raise RuntimeError(
                 f"a DataLoader worker died while handing over a batch (killed? out of memory?): {exc!r}"
             ) from exc
+        self.batches += 1
+        return batch
 
     def __len__(self) -> int:
         return len(self.loader)
