@@ -27,7 +27,7 @@ DataLoader workers ignore the signals the main process answers (:mod:`ssl_vit.da
 """
 import logging
 import math
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 class _BaseDataModule(pl.LightningDataModule):
     """What both DataModules share: arguments, transforms, rank/epoch lookup, loader options."""
+
+    workers_matter = False  # whether the sample order within an epoch depends on num_workers
 
     def __init__(
         self,
@@ -79,6 +81,8 @@ class _BaseDataModule(pl.LightningDataModule):
         self.max_corrupt_fraction, self.pin_memory = max_corrupt_fraction, pin_memory
         self._rank, self._world_size = rank, world_size
         self.worker_timeout = check_timeout("worker_timeout", worker_timeout)
+        self._resumed: Optional[Dict[str, Any]] = None  # a checkpoint's data state (load_state_dict)
+        self._last_train_loader: Optional[ResumableLoader] = None
         self._epoch = 0
 
     # -- subclasses provide these -----------------------------------------------------------------
@@ -123,17 +127,40 @@ class _BaseDataModule(pl.LightningDataModule):
             return self.current_epoch(), 0
         return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
-    def _train_loader(
-        self, dataset: Dataset, start_fn: Callable[[int, int], None], workers_matter: bool, **kwargs: Any
-    ) -> DataLoader:
-        """The training loader (``workers_matter``: the sample order depends on ``num_workers``)."""
+    def _train_layout(self) -> Dict[str, int]:
+        """The settings the training order within an epoch depends on (a mid-epoch position is exact
+        only under the same ones)."""
         _, world_size = self.dist_info()
-        layout = dict(batch_size=self.batch_size, world_size=world_size)
-        if workers_matter:
+        layout = dict(batch_size=self.batch_size, world_size=world_size, seed=self.seed)
+        if self.workers_matter:
             layout["num_workers"] = self.num_workers
-        return ResumableLoader(
-            dataset, self.train_position, start_fn, layout, seed=self.seed, **self._loader_kwargs(), **kwargs
+        return layout
+
+    def _train_loader(self, dataset: Dataset, start_fn: Callable[[int, int], None], **kwargs: Any) -> DataLoader:
+        loader = ResumableLoader(
+            dataset, self.train_position, start_fn, self._train_layout(), seed=self.seed, **self._loader_kwargs(),
+            **kwargs,
         )
+        if self._resumed is not None:
+            loader.load_state_dict(self._resumed)
+        self._last_train_loader = loader
+        return loader
+
+    # Lightning saves and restores these with the checkpoint, as it does not the loader's (see resume.py).
+    def state_dict(self) -> Dict[str, int]:
+        """Where training is in the data and under which layout (checked when a run resumes)."""
+        if self._last_train_loader is not None:
+            return self._last_train_loader.state_dict()
+        epoch, batches = self.train_position()
+        return {"epoch": int(epoch), "batches": int(batches), **self._train_layout()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Keep a checkpoint's data state for the training loader (the one built already, when a
+        strategy restores after its set-up, and those built later): it compares the layout when it
+        starts the resumed epoch, once the loop's position is restored."""
+        self._resumed = dict(state_dict) if state_dict else None
+        if self._resumed is not None and self._last_train_loader is not None:
+            self._last_train_loader.load_state_dict(self._resumed)
 
     def _loader_kwargs(self) -> dict:
         return dict(
@@ -178,6 +205,8 @@ class ShardDataModule(_BaseDataModule):
         worker_timeout: seconds the main process waits for one batch from its DataLoader workers
             before the run stops naming the worker (default 600; 0 or None: no limit).
     """
+
+    workers_matter = True  # each worker reads its own part of the shards
 
     def __init__(
         self,
@@ -246,7 +275,7 @@ class ShardDataModule(_BaseDataModule):
     def train_dataloader(self) -> DataLoader:
         """``len()`` is the number of (full) batches per epoch on this rank, equal on every rank."""
         stream = self._stream("train", train=True)
-        return self._train_loader(stream, stream.set_epoch, workers_matter=True)
+        return self._train_loader(stream, stream.set_epoch)
 
     def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
         """Every validation sample once (padded to equal counts per rank, see pipeline); [] without val."""
@@ -374,7 +403,7 @@ class ImageFolderDataModule(_BaseDataModule):
             sampler.skip = skip_batches * self.batch_size
             dataset.epoch = epoch
 
-        return self._train_loader(dataset, start, workers_matter=False, sampler=sampler, drop_last=True)
+        return self._train_loader(dataset, start, sampler=sampler, drop_last=True)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
