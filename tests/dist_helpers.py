@@ -2,6 +2,7 @@
 environment for launching the CLI in subprocesses, and a one-thread fixture."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -77,6 +78,13 @@ def run_in_own_session(command: List[str], env: Dict[str, str], timeout: float) 
             process.communicate()
             raise
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous or MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def torchrun() -> List[str]:

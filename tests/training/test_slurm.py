@@ -16,7 +16,6 @@ step (with each rank deciding alone, that run hangs in mismatched collectives).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Dict, List
 import pytest
 import torch
 import yaml
-from dist_helpers import ROOT, Shards, clean_env, run_in_own_session, write_indexed_shards
+from dist_helpers import ROOT, Shards, clean_env, free_port, run_in_own_session, write_indexed_shards
 from dist_helpers import one_thread  # noqa: F401 (a fixture)
 
 from ssl_vit.checkpoints.io import safe_torch_load
@@ -281,12 +280,6 @@ def test_preemption_refuses_what_would_break_it(monkeypatch, tmp_path):
 
 
 # -- two ranks ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_stop_together_when_only_rank_1_was_signalled(shards, fake_slurm, tmp_path):
     """A 2-task job (gloo DDP, one node) through the template: only rank 1 gets SIGUSR1, inside step
     3. The ranks compare notes every CHECK_EVERY=2 steps, so both save at step 4 (one checkpoint,
