@@ -15,7 +15,9 @@ import hashlib
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -107,17 +109,26 @@ class SignalAtStep(pl.Callback):
         rank: send on this global rank only (default: every rank).
         workers: also send to this process's DataLoader workers, as SLURM signals every process of
             the job step.
+        group: send to this process's whole process group instead, from another process (what
+            slurmstepd and a terminal's Ctrl-C do; torch's workers take a SIGTERM from their parent
+            as the order to exit): the process must lead its group (started with
+            ``start_new_session=True``), or the signal would reach the test runner too.
+        rest_of_step: seconds the step goes on after sending (a long step: time in which the
+            workers' fate reaches the main process).
     """
 
     def __init__(
         self, step: int, signal: str = "SIGUSR1", when: str = "batch_end", rank: Optional[int] = None,
-        workers: bool = False,
+        workers: bool = False, group: bool = False, rest_of_step: float = 0.0,
     ) -> None:
         super().__init__()
+        if group and os.getpgrp() != os.getpid():
+            raise ValueError("SignalAtStep(group=True): this process does not lead its process group")
         if when not in ("batch_end", "after_optimizer_step"):
             raise ValueError(f"SignalAtStep: when must be 'batch_end' or 'after_optimizer_step', got {when!r}")
         self.step, self.signum = step, getattr(__import__("signal"), signal)
-        self.when, self.rank, self.workers = when, rank, workers
+        self.when, self.rank, self.workers, self.group = when, rank, workers, group
+        self.rest_of_step = rest_of_step
         self.sent = False
         self._trainer: Optional[pl.Trainer] = None
 
@@ -128,6 +139,12 @@ class SignalAtStep(pl.Callback):
         if self.rank is not None and trainer.global_rank != self.rank:
             return
         self.sent = True
+        if self.group:
+            assert multiprocessing.active_children(), "SignalAtStep(group=True): this process has no DataLoader workers"
+            subprocess.run(["sh", "-c", f"kill -s {signal.Signals(self.signum).name[3:]} -- -{os.getpgrp()}"],
+                           timeout=60)  # sh is in the group too: it may die of the signal, after sending it
+            time.sleep(self.rest_of_step)
+            return
         if self.workers:
             children = multiprocessing.active_children()
             assert children, "SignalAtStep(workers=True): this process has no DataLoader workers"

@@ -1,6 +1,9 @@
 """What the multi-process and SLURM tests share: shards whose labels name the samples, a clean
 environment for launching the CLI in subprocesses, and a one-thread fixture."""
 import os
+import signal
+import socket
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -61,6 +64,27 @@ def clean_env(**extra: str) -> Dict[str, str]:
     env["WANDB_MODE"] = "offline"
     env.update(extra)
     return env
+
+
+def run_in_own_session(command: List[str], env: Dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` from the repository root in a session (and process group) of its own, as a
+    batch step or a terminal job runs; on a timeout (a hung run) every process it started is killed."""
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous or MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def torchrun() -> List[str]:

@@ -23,10 +23,14 @@ augmentations are seeded per sample (``ShardDataModule``: by seed, epoch, rank, 
 in the reader's epoch; ``ImageFolderDataModule``: by seed, epoch and file index, independent of
 ranks and workers). Both are exact when the resumed run has the same batch size, ``num_workers``
 (shards) and world size, and, for shards, when the skipped part held no corrupt sample.
+
+**Timeouts** (:mod:`ssl_vit.data.stall`). ``worker_timeout`` (both, default 600 s) bounds the wait for
+one batch from the workers; ``read_timeout`` (shards, default 300 s) bounds each read from a shard
+behind a pipe or socket. Past either, the run stops naming the worker or the shard; 0 or None: off.
+DataLoader workers ignore the signals the main process answers (:mod:`ssl_vit.data.workers`).
 """
 import logging
-import signal
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -36,21 +40,17 @@ from torch.utils.data import DataLoader, Dataset
 from ssl_vit.data.pipeline import ShardStream
 from ssl_vit.data.resume import ResumableLoader
 from ssl_vit.data.shard_info import ShardInfo, load_shard_info
+from ssl_vit.data.stall import DEFAULT_READ_TIMEOUT_S, DEFAULT_WORKER_TIMEOUT_S, check_timeout
 from ssl_vit.data.transforms import EvalTransform, PretrainTransform
+from ssl_vit.data.workers import IgnoreSignals
 
 logger = logging.getLogger(__name__)
 
 
-def _ignore_requeue_signal(worker_id: int) -> None:
-    """DataLoader workers ignore SIGUSR1: SLURM sends it to every process of a task before the time
-    limit, and only the main process acts on it (``ssl_vit.training.Preemption``). Workers started
-    with ``spawn``/``forkserver`` would otherwise die of it (its default action is to terminate)."""
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
 class _BaseDataModule(pl.LightningDataModule):
     """What both DataModules share: arguments, transforms, rank/epoch lookup, loader options."""
+
+    workers_matter = False  # whether the sample order within an epoch depends on num_workers
 
     def __init__(
         self,
@@ -63,6 +63,7 @@ class _BaseDataModule(pl.LightningDataModule):
         pin_memory: bool,
         rank: Optional[int],
         world_size: Optional[int],
+        worker_timeout: Optional[float],
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -80,6 +81,9 @@ class _BaseDataModule(pl.LightningDataModule):
         self.val_transform = EvalTransform() if val_transform is None else val_transform
         self.max_corrupt_fraction, self.pin_memory = max_corrupt_fraction, pin_memory
         self._rank, self._world_size = rank, world_size
+        self.worker_timeout = check_timeout("worker_timeout", worker_timeout)
+        self._resumed: Optional[Dict[str, Any]] = None  # a checkpoint's data state (load_state_dict)
+        self._last_train_loader: Optional[ResumableLoader] = None
         self._epoch = 0
 
     # -- subclasses provide these -----------------------------------------------------------------
@@ -155,17 +159,40 @@ class _BaseDataModule(pl.LightningDataModule):
             return self.current_epoch(), 0
         return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
-    def _train_loader(
-        self, dataset: Dataset, start_fn: Callable[[int, int], None], workers_matter: bool, **kwargs: Any
-    ) -> DataLoader:
-        """The training loader (``workers_matter``: the sample order depends on ``num_workers``)."""
+    def _train_layout(self) -> Dict[str, int]:
+        """The settings the training order within an epoch depends on (a mid-epoch position is exact
+        only under the same ones)."""
         _, world_size = self.dist_info()
-        layout = dict(batch_size=self.batch_size, world_size=world_size)
-        if workers_matter:
+        layout = dict(batch_size=self.batch_size, world_size=world_size, seed=self.seed)
+        if self.workers_matter:
             layout["num_workers"] = self.num_workers
-        return ResumableLoader(
-            dataset, self.train_position, start_fn, layout, seed=self.seed, **self._loader_kwargs(), **kwargs
+        return layout
+
+    def _train_loader(self, dataset: Dataset, start_fn: Callable[[int, int], None], **kwargs: Any) -> DataLoader:
+        loader = ResumableLoader(
+            dataset, self.train_position, start_fn, self._train_layout(), seed=self.seed, **self._loader_kwargs(),
+            **kwargs,
         )
+        if self._resumed is not None:
+            loader.load_state_dict(self._resumed)
+        self._last_train_loader = loader
+        return loader
+
+    # Lightning saves and restores these with the checkpoint, as it does not the loader's (see resume.py).
+    def state_dict(self) -> Dict[str, int]:
+        """Where training is in the data and under which layout (checked when a run resumes)."""
+        if self._last_train_loader is not None:
+            return self._last_train_loader.state_dict()
+        epoch, batches = self.train_position()
+        return {"epoch": int(epoch), "batches": int(batches), **self._train_layout()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Keep a checkpoint's data state for the training loader (the one built already, when a
+        strategy restores after its set-up, and those built later): it compares the layout when it
+        starts the resumed epoch, once the loop's position is restored."""
+        self._resumed = dict(state_dict) if state_dict else None
+        if self._resumed is not None and self._last_train_loader is not None:
+            self._last_train_loader.load_state_dict(self._resumed)
 
     def _loader_kwargs(self) -> dict:
         return dict(
@@ -173,7 +200,8 @@ class _BaseDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=False,
-            worker_init_fn=_ignore_requeue_signal,
+            timeout=self.worker_timeout if self.num_workers else 0,  # ssl_vit.data.stall
+            worker_init_fn=IgnoreSignals(),  # the signals the main process answers (ssl_vit.data.workers)
         )
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -211,7 +239,14 @@ class ShardDataModule(_BaseDataModule):
         pin_memory: pin batches (when CUDA is available).
         rank: this process's rank when ``torch.distributed`` is not initialised.
         world_size: the number of ranks when ``torch.distributed`` is not initialised.
+        read_timeout: seconds a read from a shard behind a pipe or socket (``pipe:``, ``http(s)://``)
+            may wait for data before the run stops naming the shard (default 300; 0 or None: no
+            limit). See :mod:`ssl_vit.data.stall`.
+        worker_timeout: seconds the main process waits for one batch from its DataLoader workers
+            before the run stops naming the worker (default 600; 0 or None: no limit).
     """
+
+    workers_matter = True  # each worker reads its own part of the shards
 
     def __init__(
         self,
@@ -232,10 +267,14 @@ class ShardDataModule(_BaseDataModule):
         pin_memory: bool = True,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        read_timeout: Optional[float] = DEFAULT_READ_TIMEOUT_S,
+        worker_timeout: Optional[float] = DEFAULT_WORKER_TIMEOUT_S,
     ) -> None:
         super().__init__(
-            batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction, pin_memory, rank, world_size
+            batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction, pin_memory, rank,
+            world_size, worker_timeout,
         )
+        self.read_timeout = check_timeout("read_timeout", read_timeout)
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.train, self.val, self.train_info, self.val_info = train, val, train_info, val_info
@@ -273,12 +312,13 @@ class ShardDataModule(_BaseDataModule):
             max_corrupt_fraction=self.max_corrupt_fraction,
             num_classes=len(self.classes_of(which)),
             with_keys=with_keys,
+            read_timeout=self.read_timeout,
         )
 
     def train_dataloader(self) -> DataLoader:
         """``len()`` is the number of (full) batches per epoch on this rank, equal on every rank."""
         stream = self._stream("train", train=True)
-        return self._train_loader(stream, stream.set_epoch, workers_matter=True)
+        return self._train_loader(stream, stream.set_epoch)
 
     def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
         """Every validation sample once (padded to equal counts per rank, see pipeline); [] without val."""

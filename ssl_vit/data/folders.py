@@ -10,6 +10,7 @@ from ssl_vit.data.datamodule import _BaseDataModule
 from ssl_vit.data.decode import MIN_CHECKED_SAMPLES, CorruptCounter, CorruptSampleError, open_image, to_rgb
 from ssl_vit.data.listing import list_images
 from ssl_vit.data.resume import ResumableSampler, call_seeded, sample_seed
+from ssl_vit.data.stall import DEFAULT_WORKER_TIMEOUT_S
 
 
 class _ImageFiles(Dataset):
@@ -74,7 +75,7 @@ class ImageFolderDataModule(_BaseDataModule):
         val: validation ImageFolder root (optional).
         eval_train: labelled ImageFolder root read like ``val``: the bank of the k-NN monitor.
         batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction,
-        pin_memory, rank, world_size: as for :class:`ShardDataModule`.
+        pin_memory, rank, world_size, worker_timeout: as for :class:`ShardDataModule`.
     """
 
     def __init__(
@@ -91,9 +92,11 @@ class ImageFolderDataModule(_BaseDataModule):
         pin_memory: bool = True,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        worker_timeout: Optional[float] = DEFAULT_WORKER_TIMEOUT_S,
     ) -> None:
         super().__init__(
-            batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction, pin_memory, rank, world_size
+            batch_size, num_workers, train_transform, val_transform, seed, max_corrupt_fraction, pin_memory, rank,
+            world_size, worker_timeout,
         )
         self.train, self.val, self.eval_train = train, val, eval_train
         self._datasets: dict = {}
@@ -137,7 +140,7 @@ class ImageFolderDataModule(_BaseDataModule):
             sampler.skip = skip_batches * self.batch_size
             dataset.epoch = epoch
 
-        return self._train_loader(dataset, start, workers_matter=False, sampler=sampler, drop_last=True)
+        return self._train_loader(dataset, start, sampler=sampler, drop_last=True)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -28,7 +28,9 @@ decoded in the current epoch: after each corrupt sample once at least ``min_chec
 were decoded, and at the end of the reader's epoch whatever the count (a small epoch is judged
 whole). Past ``max_corrupt_fraction`` the reader raises :class:`CorruptDataError` naming the shards.
 A shard that cannot be opened or read as a tar raises :class:`ShardReadError` naming it, as does one
-that holds fewer or more samples than the info JSON says (a stale JSON), with both counts.
+that holds fewer or more samples than the info JSON says (a stale JSON), with both counts. One behind a
+pipe or socket that delivers no byte for ``read_timeout`` seconds raises
+:class:`~ssl_vit.data.stall.ShardStallError` naming it (see :mod:`ssl_vit.data.stall`).
 
 **Resuming part-way** (``set_epoch(epoch, skip_batches)``, see :mod:`ssl_vit.data.resume`). The
 DataLoader takes whole batches from its ``W`` workers in turn (batch ``i`` from worker ``i % W``) and
@@ -47,7 +49,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import IterableDataset
 from webdataset.filters import shuffle
-from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ssl_vit.data.decode import (
@@ -60,20 +61,26 @@ from ssl_vit.data.decode import (
 )
 from ssl_vit.data.resume import call_seeded, sample_seed
 from ssl_vit.data.shard_info import ShardInfo
+from ssl_vit.data.stall import open_shard
 
 logger = logging.getLogger(__name__)
 
 
 # -- the stream -----------------------------------------------------------------------------------
-def read_shard(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Dict[str, Any]]:
-    """Raw samples ``start:stop`` of one shard (suffix -> bytes, plus ``__key__``/``__url__``)."""
+def read_shard(
+    url: str, start: int = 0, stop: Optional[int] = None, read_timeout: float = 0.0
+) -> Iterator[Dict[str, Any]]:
+    """Raw samples ``start:stop`` of one shard (suffix -> bytes, plus ``__key__``/``__url__``); a pipe or
+    socket stream waits at most ``read_timeout`` seconds (0: for ever) for each read."""
     try:
-        stream = gopen(url, "rb")
+        stream = open_shard(url, read_timeout)
     except Exception as exc:
         raise ShardReadError(f"cannot open shard {url}: {exc}") from exc
     try:
         files = tar_file_expander([dict(url=url, stream=stream)], select_files=wanted_member)
         yield from islice(group_by_keys(files), start, stop)
+    except ShardReadError:
+        raise
     except Exception as exc:  # tarfile.ReadError, OSError, a duplicate member name (ValueError)...
         raise ShardReadError(f"cannot read shard {url}: {exc}") from exc
     finally:
@@ -97,6 +104,7 @@ class ShardStream(IterableDataset):
         num_classes: labels must lie in ``[0, num_classes)`` (0: unchecked).
         with_keys: yield ``(image, label, key)``, ``key`` the sample's ``__key__`` in its shard
             (feature extraction: which sample each row is).
+        read_timeout: seconds a read from a pipe/socket shard may wait for bytes (0: for ever).
     """
 
     def __init__(
@@ -114,6 +122,7 @@ class ShardStream(IterableDataset):
         max_corrupt_fraction: float = 0.01,
         num_classes: int = 0,
         with_keys: bool = False,
+        read_timeout: float = 0.0,
     ) -> None:
         super().__init__()
         if info.num_samples < 1:
@@ -130,6 +139,7 @@ class ShardStream(IterableDataset):
         self.resampled = resampled and train
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.max_corrupt_fraction, self.num_classes, self.with_keys = max_corrupt_fraction, num_classes, with_keys
+        self.read_timeout = read_timeout
         self.epoch = 0
         self.skip_batches = 0
         self.stats: Dict[str, Any] = {}  # the last epoch's counts of the reader in this process
@@ -187,7 +197,7 @@ class ShardStream(IterableDataset):
             # would silently lose the rest every epoch. The last sample waits until that is known.
             at_end = lo + take == counts[order[i]]
             pending = None
-            for sample in read_shard(url, lo, lo + take + int(at_end)):
+            for sample in read_shard(url, lo, lo + take + int(at_end), self.read_timeout):
                 read += 1
                 if read > take:
                     raise ShardReadError(self._stale_message(url, counts[order[i]]))
@@ -207,7 +217,7 @@ class ShardStream(IterableDataset):
 
     def _stale_message(self, url: str, expected: int) -> str:
         try:
-            held = str(sum(1 for _ in read_shard(url)))
+            held = str(sum(1 for _ in read_shard(url, read_timeout=self.read_timeout)))
         except ShardReadError:
             held = f"at least {expected + 1}"
         return (
@@ -218,7 +228,7 @@ class ShardStream(IterableDataset):
 
     def _resampled(self, rng: random.Random) -> Iterator[Dict[str, Any]]:
         while True:
-            yield from read_shard(rng.choice(self.info.urls))
+            yield from read_shard(rng.choice(self.info.urls), read_timeout=self.read_timeout)
 
     def _decoded(self, raw: Iterator[Dict[str, Any]], counter: CorruptCounter) -> Iterator[Tuple[Any, int, str]]:
         for sample in raw:

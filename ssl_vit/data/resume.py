@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
+from ssl_vit.data.stall import worker_stall_error
+
 logger = logging.getLogger(__name__)
 
 
@@ -85,6 +87,7 @@ class _Deferred:
     def __init__(self, loader: "ResumableLoader") -> None:
         self.loader = loader
         self.iterator: Optional[Iterator] = None
+        self.batches = 0  # handed out since the iterator started
 
     def __iter__(self) -> "_Deferred":
         return self
@@ -93,7 +96,12 @@ class _Deferred:
         if self.iterator is None:
             self.iterator = self.loader._start()
         try:
-            return next(self.iterator)
+            batch = next(self.iterator)
+        except RuntimeError as exc:  # torch's worker timeout says neither which worker nor which option
+            stalled = worker_stall_error(exc, self.batches, self.loader.num_workers)
+            if stalled is None:
+                raise
+            raise stalled from exc
         except (ConnectionError, EOFError) as exc:
             # A worker killed (out-of-memory killer...) after sending a batch but before the main
             # process fetched its shared-memory descriptor surfaces here, not as torch's
@@ -101,6 +109,8 @@ class _Deferred:
             raise RuntimeError(
                 f"a DataLoader worker died while handing over a batch (killed? out of memory?): {exc!r}"
             ) from exc
+        self.batches += 1
+        return batch
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -114,9 +124,10 @@ class ResumableLoader(DataLoader):
         position_fn: ``() -> (epoch, batches already consumed in it)``, asked when an epoch starts.
         start_fn: ``(epoch, skip_batches) -> None``: positions the dataset / sampler; runs before the
             workers start, so what it sets reaches them.
-        layout: the settings a mid-epoch position depends on (batch size, workers, ranks); saved
-            in ``state_dict`` and compared on resume (a mismatch is logged: the skipped batches are
-            then not exactly the trained ones).
+        layout: the settings a mid-epoch position depends on (batch size, workers, ranks, seed);
+            compared on resume with the checkpoint's (the DataModule's ``state_dict``, handed over with
+            :meth:`load_state_dict`): a mismatch is logged, naming each changed setting with its old
+            and new value (the skipped batches are then not exactly the trained ones).
         seed: seeds the loader's own generator (with the epoch).
         **kwargs: ``DataLoader`` arguments.
     """
@@ -142,21 +153,37 @@ class ResumableLoader(DataLoader):
         if not 0 <= batches <= len(self):
             raise RuntimeError(f"cannot start epoch {epoch} at batch {batches}: it has {len(self)} batches")
         loaded, self._loaded = self._loaded, None
-        if batches and loaded is not None and loaded.get("epoch") == epoch:
-            changed = {k: (loaded.get(k), v) for k, v in self.layout.items() if loaded.get(k) != v}
-            if changed:
-                logger.warning(
-                    "resuming epoch %d at batch %d with a different data layout (checkpoint -> now: %s): "
-                    "the skipped batches are not exactly the ones trained", epoch, batches, changed,
-                )
+        if loaded is not None and 0 < loaded.get("batches", 0) < loaded.get("epoch_batches", float("inf")):
+            self._check_layout(loaded, epoch, batches)  # the first epoch started after a mid-epoch checkpoint
         self.generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch))
         self.start_fn(epoch, batches)
         return super().__iter__()
 
-    # Lightning saves these with the fit loop (and then does not warn that the loader is not resumable).
+    def _check_layout(self, loaded: Dict[str, int], epoch: int, batches: int) -> None:
+        """Warn when the checkpoint ``loaded`` was taken mid-epoch under another layout, naming each
+        changed setting with its old and new value."""
+        changed = [f"{k} {loaded[k]} -> {v}" for k, v in self.layout.items() if k in loaded and loaded[k] != v]
+        if not changed:
+            return
+        at = f"batch {loaded['batches']} of epoch {loaded.get('epoch')}"
+        if (loaded.get("epoch"), loaded["batches"]) == (epoch, batches):
+            effect = (f"the rest of that epoch is read as if the {batches} batches already trained had been made "
+                      "under the new layout: some of its samples are read twice and others not at all")
+        else:  # the trained batches are as many as, or more than, an epoch now has
+            effect = (f"under the new layout an epoch has {len(self)} batches, and training goes on from batch "
+                      f"{batches} of epoch {epoch}: the rest of the interrupted epoch is not read as it was laid out")
+        logger.warning(
+            "resuming from %s with a different data layout than the checkpoint's (%s): %s (from the next epoch "
+            "on, every sample is read again)", at, ", ".join(changed), effect,
+        )
+
+    # Lightning saves these with the fit loop (and then does not warn that the loader is not resumable), but
+    # never calls load_state_dict: it builds the loader before the checkpoint is restored (see the module
+    # docstring) and restores loader states only into a loader built after. The DataModules therefore save
+    # the same state themselves (Lightning restores a DataModule's state before building the loaders).
     def state_dict(self) -> Dict[str, int]:
         epoch, batches = self.position_fn()
-        return {"epoch": int(epoch), "batches": int(batches), **self.layout}
+        return {"epoch": int(epoch), "batches": int(batches), "epoch_batches": len(self), **self.layout}
 
     def load_state_dict(self, state_dict: Dict[str, int]) -> None:
         """Keeps the saved layout for the check at the next epoch start (the position itself comes

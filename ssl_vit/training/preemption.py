@@ -29,8 +29,19 @@ monitor, longer than the warning leaves the signal unanswered until SLURM kills 
 Use it with Lightning's handler turned off (``--trainer.plugins
 '{"class_path": "pytorch_lightning.plugins.environments.SLURMEnvironment", "init_args":
 {"auto_requeue": false}}'``, as ``recipes/slurm/pretrain.sbatch`` does); with both, ``setup`` refuses
-to start. DataLoader workers get SLURM's signal too (SLURM signals every process of the step): the
-ssl_vit DataModules' workers ignore SIGUSR1 (their ``worker_init_fn``), whatever their start method.
+to start. DataLoader workers get the signal too (SLURM signals every process of the step; Ctrl-C
+reaches the whole process group): from ``setup`` to ``teardown`` the callback registers its signals
+with :mod:`ssl_vit.data.workers`, and the ssl_vit DataModules' workers ignore them (their
+``worker_init_fn``), whatever their start method, so that none dies before the main process has
+saved (SIGTERM used to kill them: ``DataLoader worker ... killed by signal: Terminated``, exit 1,
+nothing saved).
+
+**Ctrl-C.** With ``signals`` including ``SIGINT``, the first Ctrl-C is answered like SLURM's warning
+(``last.ckpt`` at the next step boundary, exit status 0); a second one, while the current step still
+runs, stops at once through Lightning's ``KeyboardInterrupt`` shutdown ("Detected KeyboardInterrupt,
+attempting graceful shutdown", exit status 1, nothing saved). Without ``SIGINT`` in ``signals``,
+every Ctrl-C takes that second path. Either way it is answered only between two Python operations:
+one long tensor operation (a bf16 matmul on a CPU without bf16 units) delays it until it returns.
 """
 import os
 import re
@@ -43,6 +54,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_info
 
+from ssl_vit.data.workers import register_main_process_signals, unregister_main_process_signals
 from ssl_vit.training.checkpoint import Checkpoint
 
 SCONTROL_TIMEOUT_S = 30
@@ -133,7 +145,11 @@ class Preemption(pl.Callback):
         restores what it found when the fit started, after ``on_exception`` restored the original):
         then it hands the signal to the original handler (or default action) for good."""
         if self._active:
+            if signum == signal.SIGINT and self.received == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now (Lightning's shutdown), unsaved
             self.received = signum
+            if signum == signal.SIGINT:
+                rank_zero_info("Preemption: Ctrl-C: stopping at the end of this step (press again to stop now)")
             return
         signal.signal(signum, self._original.get(signum, signal.SIG_DFL))
         signal.raise_signal(signum)
@@ -175,9 +191,12 @@ class Preemption(pl.Callback):
             previous = signal.signal(number, self._handler)
             if previous != self._handler:  # ours: left by Lightning after a failed fit, the original is known
                 self._original[number] = signal.SIG_DFL if previous is None else previous
+        register_main_process_signals(self.signals)  # DataLoader workers built from now on ignore them
         self._active = True
 
     def _restore_handlers(self) -> None:
+        if self._active:
+            unregister_main_process_signals(self.signals)
         self._active = False
         for number, handler in self._original.items():
             signal.signal(number, handler)

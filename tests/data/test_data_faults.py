@@ -217,20 +217,3 @@ def test_tar_cut_at_a_member_boundary_is_reported_too(shards):
     labels, error = _read_until_error(dm)
     assert f"shard {second} ended after 2 samples" in error
     assert set(before) <= set(labels)
-
-
-def test_workers_ignore_the_requeue_signal():
-    """SLURM signals every process of a task; a DataLoader worker must survive SIGUSR1 whatever its
-    start method (spawned workers would die of the default action)."""
-    code = (
-        "import os, signal\n"
-        "from ssl_vit.data.datamodule import _ignore_requeue_signal\n"
-        "_ignore_requeue_signal(0)\n"
-        "os.kill(os.getpid(), signal.SIGUSR1)\n"
-        "print('alive')\n"
-    )
-    survived = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert survived.returncode == 0 and survived.stdout.strip() == "alive", survived.stderr
-    killed = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGUSR1)"],
-                            capture_output=True, timeout=60)
-    assert killed.returncode == -signal.SIGUSR1  # the default action: what a worker would suffer

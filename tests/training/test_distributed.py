@@ -1,5 +1,7 @@
 """Two CPU processes (gloo, `ddp` strategy) through the real CLI: the MAE smoke recipe started by
-Lightning's launcher, the DINO smoke recipe by `torchrun --standalone --nproc_per_node 2 -m ssl_vit`.
+Lightning's launcher, the DINO smoke recipe by `torchrun --standalone --nproc_per_node 2 -m ssl_vit`,
+and the DINO smoke recipe as two "nodes" of one process each on this machine (two `torchrun --nnodes 2`
+agents meeting through a c10d rendezvous on 127.0.0.1, `--trainer.num_nodes 2`).
 
 Every sample's ``.cls`` label is its own index, so the labels a rank reads name the samples it read.
 A recording callback (``tests/dist_callbacks.py``, imported by the ranks through ``PYTHONPATH``)
@@ -16,7 +18,7 @@ from typing import List, NamedTuple
 
 import pytest
 import torch
-from dist_helpers import ROOT, Shards, clean_env, torchrun, write_indexed_shards
+from dist_helpers import ROOT, Shards, clean_env, free_port, torchrun, write_indexed_shards
 
 from ssl_vit.data.pipeline import ShardStream
 from ssl_vit.data.shard_info import load_shard_info
@@ -33,13 +35,14 @@ def shards(tmp_path_factory) -> Shards:
     return write_indexed_shards(tmp_path_factory.mktemp("dist_data"), NUM_SAMPLES, SHARD_SIZE)
 
 
-def fit_args(recipe: str, shards: Shards, run: Path, record: Path) -> List[str]:
-    """``fit`` arguments: the smoke recipe on 2 CPU devices, a CSV logger, the recorder."""
+def fit_args(recipe: str, shards: Shards, run: Path, record: Path, nodes: int = 1) -> List[str]:
+    """``fit`` arguments: the smoke recipe on 2 CPU devices (on one node, or one on each of ``nodes``),
+    a CSV logger, the recorder."""
     recorder = {"class_path": "dist_callbacks.Recorder", "init_args": {"folder": str(record)}}
     logger = {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(run)}}
     return [
         "fit", "--config", str(ROOT / "ssl_vit" / "recipes" / "smoke" / recipe), "--data.train", shards.pattern,
-        "--trainer.devices", str(WORLD), "--trainer.strategy", "ddp", "--trainer.max_epochs", str(EPOCHS),
+        "--trainer.devices", str(WORLD // nodes), "--trainer.num_nodes", str(nodes), "--trainer.strategy", "ddp", "--trainer.max_epochs", str(EPOCHS),
         "--trainer.default_root_dir", str(run), "--trainer.log_every_n_steps", "1",
         "--trainer.logger", json.dumps(logger), f"--trainer.callbacks+={json.dumps(recorder)}",
     ]
@@ -48,6 +51,23 @@ def fit_args(recipe: str, shards: Shards, run: Path, record: Path) -> List[str]:
 def launch(command: List[str]) -> None:
     result = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+def launch_nodes(commands: List[List[str]]) -> None:
+    """Start every command (one per node) at once; wait for all, and fail with their output."""
+    processes = [subprocess.Popen(c, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for c in commands]
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=TIMEOUT)[0])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    for command, process, output in zip(commands, processes, outputs):
+        assert process.returncode == 0, f"{' '.join(command)}\n{output[-6000:]}"
 
 
 def load_records(record: Path) -> List[dict]:
@@ -131,13 +151,22 @@ def launch_run(launcher: str, recipe: str, shards: Shards, tmp: Path) -> Run:
     re-executes the command for rank 1) or ``"torchrun"`` (``torchrun --standalone``: Lightning
     detects torchelastic and starts no process)."""
     run, record = tmp / "run", tmp / "record"
-    args = fit_args(recipe, shards, run, record)
-    if launcher == "torchrun":
+    args = fit_args(recipe, shards, run, record, nodes=WORLD if launcher == "nodes" else 1)
+    if launcher == "nodes":
+        endpoint = f"127.0.0.1:{free_port()}"
+        launch_nodes([
+            [*torchrun(), "--nnodes", str(WORLD), "--node_rank", str(node), "--nproc_per_node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "ssl_vit_nodes",
+             "--rdzv-conf", f"is_host={int(node == 0)}", "-m", "ssl_vit", *args]
+            for node in range(WORLD)
+        ])
+    elif launcher == "torchrun":
         launch([*torchrun(), "--standalone", "--nproc_per_node", str(WORLD), "-m", "ssl_vit", *args])
     else:
         launch([sys.executable, "-m", "ssl_vit", *args])
     records = load_records(record)
-    environment = {"lightning": "LightningEnvironment", "torchrun": "TorchElasticEnvironment"}[launcher]
+    environment = {"lightning": "LightningEnvironment", "torchrun": "TorchElasticEnvironment",
+                   "nodes": "TorchElasticEnvironment"}[launcher]
     assert {r["environment"] for r in records} == {environment}
     return Run(recipe, records, run)
 
@@ -153,8 +182,18 @@ def dino_run(shards, tmp_path_factory) -> Run:
     return launch_run("torchrun", "dino.yaml", shards, tmp_path_factory.mktemp("dino_torchrun"))
 
 
-@pytest.fixture(params=["mae_run", "dino_run"])
+@pytest.fixture(scope="module")
+def nodes_run(shards, tmp_path_factory) -> Run:
+    return launch_run("nodes", "dino.yaml", shards, tmp_path_factory.mktemp("dino_nodes"))
+
+
+@pytest.fixture(params=["mae_run", "dino_run", "nodes_run"])
 def ddp_run(request) -> Run:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(params=["dino_run", "nodes_run"])
+def any_dino_run(request) -> Run:
     return request.getfixturevalue(request.param)
 
 
@@ -170,8 +209,8 @@ def test_rank_zero_alone_writes_checkpoints_and_logs(ddp_run):
     check_single_writer(ddp_run.records, ddp_run.run, images=EPOCHS if ddp_run.recipe == "mae.yaml" else 0)
 
 
-def test_dino_centre_is_identical_on_both_ranks_after_every_step(dino_run):
-    records = dino_run.records
+def test_dino_centre_is_identical_on_both_ranks_after_every_step(any_dino_run):
+    records = any_dino_run.records
     centres = [torch.stack(r["centres"]) for r in records]  # [steps, 1, K] per rank
     assert centres[0].shape[0] == len(records[0]["batches"]) == EPOCHS * 2
     assert torch.equal(centres[0], centres[1])  # bit-identical after every step

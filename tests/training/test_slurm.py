@@ -16,7 +16,6 @@ step (with each rank deciding alone, that run hangs in mismatched collectives).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,8 @@ from typing import Dict, List
 import pytest
 import torch
 import yaml
-from dist_helpers import ROOT, Shards, clean_env, one_thread, write_indexed_shards  # noqa: F401 (a fixture)
+from dist_helpers import ROOT, Shards, clean_env, free_port, run_in_own_session, write_indexed_shards
+from dist_helpers import one_thread  # noqa: F401 (a fixture)
 
 from ssl_vit.checkpoints.io import safe_torch_load
 from ssl_vit.cli import main as cli_main
@@ -84,16 +84,7 @@ def slurm_env(tmp_path: Path, bin_dir: Path, nodes: int = 1, tasks_per_node: int
 def sbatch(args: List[str], env: Dict[str, str]) -> subprocess.CompletedProcess:
     """Run the template as the batch step would (``bash pretrain.sbatch ARGS``), in a session of its
     own: on a timeout (a hung run) every process it started is killed, as SLURM would."""
-    command = ["bash", str(TEMPLATE), *args]
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_in_own_session(["bash", str(TEMPLATE), *args], env, TIMEOUT)
 
 
 def callback(class_path: str, **init_args) -> str:
@@ -289,12 +280,6 @@ def test_preemption_refuses_what_would_break_it(monkeypatch, tmp_path):
 
 
 # -- two ranks ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_stop_together_when_only_rank_1_was_signalled(shards, fake_slurm, tmp_path):
     """A 2-task job (gloo DDP, one node) through the template: only rank 1 gets SIGUSR1, inside step
     3. The ranks compare notes every CHECK_EVERY=2 steps, so both save at step 4 (one checkpoint,

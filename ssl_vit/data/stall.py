@@ -1,0 +1,142 @@
+"""Data reads that cannot hang a run: timeouts on shard streams and on DataLoader workers.
+
+Two things used to leave a run alive and silent for ever: a shard behind a ``pipe:`` command (or an
+``http(s)://`` URL, which webdataset reads through ``curl``) that stops producing bytes, and a
+DataLoader worker that stops (SIGSTOP, a deadlock, a transform that never returns).
+
+**Read timeout** (``ShardDataModule(read_timeout=...)``, default :data:`DEFAULT_READ_TIMEOUT_S`):
+:func:`open_shard` opens a shard with webdataset's ``gopen`` and, when the stream is a pipe or a
+socket, waits at most ``read_timeout`` seconds for each read to deliver bytes. Past it, it kills the
+command behind the pipe and raises :class:`ShardStallError` naming the shard. The default, 5 minutes
+without a single byte (or, once the reader is done, without the command exiting), is far beyond an object store's first-byte latency and a client's retry
+back-off (seconds to a minute), so reaching it means the source stalled. Local files are read
+directly (``select`` cannot tell a stalled disk), and rely on the worker timeout.
+
+**Worker timeout** (``worker_timeout`` of both DataModules, default
+:data:`DEFAULT_WORKER_TIMEOUT_S`): the DataLoader's ``timeout``: the longest the main process waits
+for one batch from its workers. Past it the training loader raises :class:`WorkerStallError` naming
+the worker that owed the batch. The default, 10 minutes, covers the slowest batch a healthy worker
+makes: its start, opening a shard, filling the shuffle buffer and, when a run resumes mid-epoch,
+reading past the samples already trained (a resume far into an epoch on slow storage may need more).
+Both timeouts are off with 0 (or ``None``).
+"""
+import io
+import os
+import re
+import select
+import stat
+import subprocess
+from typing import Any, BinaryIO, Optional
+
+from webdataset.gopen import gopen
+
+from ssl_vit.data.decode import ShardReadError
+
+DEFAULT_READ_TIMEOUT_S = 300.0
+DEFAULT_WORKER_TIMEOUT_S = 600.0
+
+
+class ShardStallError(ShardReadError):
+    """A shard stream delivered no byte within the read timeout. ``str()`` stays the message even
+    after webdataset's tar reader appends its context to ``args``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class WorkerStallError(RuntimeError):
+    """A DataLoader worker made no batch within the worker timeout."""
+
+
+def check_timeout(name: str, value: Optional[float]) -> float:
+    """``value`` as seconds (``None`` -> 0, off); ``ValueError`` naming ``name`` unless finite and >= 0."""
+    seconds = 0.0 if value is None else float(value)
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"{name} must be a number of seconds >= 0 (0 or None: no timeout), got {value!r}")
+    return seconds
+
+
+class _TimedReader(io.RawIOBase):
+    """The raw side of a pipe/socket stream, each read waiting at most ``timeout`` seconds for bytes."""
+
+    def __init__(self, stream: Any, raw: Any, url: str, timeout: float) -> None:
+        super().__init__()
+        self.stream, self.raw, self.url, self.timeout = stream, raw, url, timeout
+        self.stalled = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        ready, _, _ = select.select([self.raw], [], [], self.timeout)
+        if not ready:
+            self.stalled = True
+            process = getattr(self.stream, "proc", None)  # webdataset's Pipe: the command behind it
+            if process is not None:
+                process.kill()
+            raise ShardStallError(
+                f"shard {self.url}: no data for {self.timeout:g} s (the read timeout, ShardDataModule "
+                "read_timeout): the command or server behind it stalled"
+            )
+        data = self.raw.read1(len(buffer))  # one read of what is there (at most len(buffer) bytes)
+        buffer[: len(data)] = data
+        check_status = getattr(self.stream, "check_status", None)  # Pipe: raise on the command's failure
+        if check_status is not None:
+            check_status()
+        return len(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        process = getattr(self.stream, "proc", None)
+        if process is not None:  # a command that sent its data but does not exit must not hang the close
+            self.raw.close()  # a command still writing gets SIGPIPE
+            try:
+                process.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                self.stalled = True
+                process.kill()
+                process.wait()
+        try:
+            self.stream.close()
+        except OSError:
+            if not self.stalled:  # a killed command's exit status says nothing new
+                raise
+        super().close()
+
+
+def open_shard(url: str, read_timeout: float) -> BinaryIO:
+    """Open ``url`` as webdataset does (``gopen``); a pipe or socket stream gets ``read_timeout``
+    (seconds; 0: none) per read."""
+    stream = gopen(url, "rb")
+    if not read_timeout:
+        return stream
+    raw = getattr(stream, "stream", stream)  # webdataset's Pipe wraps the command's stdout
+    try:
+        mode = os.fstat(raw.fileno()).st_mode
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return stream
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) or not hasattr(raw, "read1"):
+        return stream
+    return io.BufferedReader(_TimedReader(stream, raw, url, read_timeout))
+
+
+_TORCH_TIMEOUT = re.compile(r"DataLoader timed out after (\d+(\.\d+)?) seconds")
+
+
+def worker_stall_error(error: RuntimeError, batch: int, num_workers: int) -> Optional[WorkerStallError]:
+    """The :class:`WorkerStallError` for torch's ``DataLoader timed out after N seconds`` while
+    waiting for ``batch`` (counted from where the iterator started; in-order loading asks worker
+    ``batch % num_workers`` for it while all workers run); ``None`` for any other error."""
+    match = _TORCH_TIMEOUT.search(str(error))
+    if match is None or num_workers < 1:
+        return None
+    return WorkerStallError(
+        f"DataLoader worker {batch % num_workers} (of {num_workers}) made no batch for {float(match.group(1)):g} s "
+        f"(waiting for batch {batch}; the worker timeout, the DataModule's worker_timeout): it is stopped "
+        "(SIGSTOP?), stuck, or its data source stalled"
+    )
