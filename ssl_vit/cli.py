@@ -44,8 +44,10 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningCLI
 
 from ssl_vit.recipes import find_recipe
+from ssl_vit.training.checkpoint import Checkpoint
 from ssl_vit.training.checks import StartupChecks, check_resume_config, check_resume_file
 from ssl_vit.training.nonfinite import NonFiniteGuard
+from ssl_vit.training.preemption import Preemption
 
 
 class SSLViTCLI(LightningCLI):
@@ -74,6 +76,7 @@ class SSLViTCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         guards = [c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)]
         trainer.callbacks = guards + [c for c in trainer.callbacks if not isinstance(c, NonFiniteGuard)]
+        add_ctrl_c_checkpoint(trainer)
         return trainer
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -183,6 +186,19 @@ def precision_for_device(precision: Any, accelerator: Optional[str], explicit: b
     if explicit or not str(precision).startswith("bf16") or has_fast_bf16(accelerator):
         return precision
     return "32-true"
+
+
+def add_ctrl_c_checkpoint(trainer: pl.Trainer) -> None:
+    """A run that keeps resume checkpoints answers Ctrl-C by saving one: where the callbacks hold a
+    :class:`~ssl_vit.training.checkpoint.Checkpoint` with ``save_last`` and no :class:`~ssl_vit.training.preemption.Preemption`,
+    add ``Preemption(signals=["SIGINT"], requeue=False)``. The first Ctrl-C then writes ``last.ckpt`` at
+    the next step boundary (within ``check_every`` steps on several processes) and the run exits 0;
+    a second one stops at once. A configured Preemption (the SLURM template's) is left as it is."""
+    callbacks = trainer.callbacks
+    keeps_last = any(isinstance(c, Checkpoint) and c.save_last for c in callbacks)
+    if not keeps_last or any(isinstance(c, Preemption) for c in callbacks):
+        return
+    trainer.callbacks.append(Preemption(signals=["SIGINT"], requeue=False))
 
 
 def run_lightning(args: Optional[List[str]] = None) -> LightningCLI:

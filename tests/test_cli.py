@@ -1,4 +1,5 @@
 """The `ssl-vit` entry point: strict recipes, --print_config, the saved config, `python -m ssl_vit`."""
+import json
 import os
 import subprocess
 import sys
@@ -179,3 +180,28 @@ def test_a_failed_start_leaves_no_empty_logger_folders(tmp_path):
 
     remove_if_empty(str(logs / "csv" / "version_0"))
     assert (logs / "csv" / "version_0" / "metrics.csv").read_text() == "kept"
+
+
+def test_a_run_that_keeps_checkpoints_saves_one_on_ctrl_c(folder, tmp_path):
+    """Ctrl-C leaves resumable state where a resume checkpoint is configured: the CLI adds a
+    Preemption on SIGINT (the signal path itself: tests/training/test_signals.py); without a
+    Checkpoint, or with a Preemption of the recipe's own, nothing is added."""
+    import signal
+
+    from ssl_vit.cli import run_lightning
+    from ssl_vit.training.preemption import Preemption
+
+    checkpoint = {"class_path": "ssl_vit.training.Checkpoint", "init_args": {"dirpath": str(tmp_path / "ckpt")}}
+    base = ["fit", "--config", SMOKE, *_folder_data(folder), "--trainer.max_steps", "1",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", "[]"]
+
+    def preemptions(extra):
+        cli = run_lightning(base + extra)
+        return [c for c in cli.trainer.callbacks if isinstance(c, Preemption)]
+
+    added = preemptions([f"--trainer.callbacks+={json.dumps(checkpoint)}"])
+    assert len(added) == 1 and added[0].signals == [signal.SIGINT] and not added[0].requeue
+    assert preemptions([]) == []
+    own = {"class_path": "ssl_vit.training.Preemption", "init_args": {"signals": ["SIGUSR1"]}}
+    kept = preemptions([f"--trainer.callbacks+={json.dumps(checkpoint)}", f"--trainer.callbacks+={json.dumps(own)}"])
+    assert len(kept) == 1 and kept[0].signals == [signal.SIGUSR1]
