@@ -21,6 +21,7 @@ data position restored by the ssl_vit DataModules (:mod:`ssl_vit.data.resume`), 
 derived from ``global_step``, a run stopped after a checkpoint and resumed from it takes the same
 steps as one that never stopped.
 """
+import math
 import os
 import random
 import re
@@ -112,6 +113,12 @@ def replace_atomically(partial: str, filepath: str) -> None:
         _fsync(partial)
         os.replace(partial, filepath)
     _fsync(os.path.dirname(os.path.abspath(filepath)))
+
+
+def epoch_cut_short(trainer: "pl.Trainer") -> bool:
+    """Whether the training epoch now ending stopped before its last batch (``max_steps`` reached)."""
+    total = trainer.num_training_batches
+    return math.isfinite(total) and trainer.fit_loop.epoch_loop.batch_progress.current.ready < total
 
 
 class Checkpoint(ModelCheckpoint):
@@ -231,6 +238,24 @@ class Checkpoint(ModelCheckpoint):
             raise ValueError("Checkpoint.save_last_now: this Checkpoint has save_last=False (it writes no last.ckpt)")
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         return self.last_model_path
+
+    # -- a run stopped by max_steps ----------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.save_last and 0 <= trainer.max_steps <= trainer.global_step and not self._should_skip_saving_checkpoint(trainer):
+            # the run's last step: last.ckpt as the mid-epoch state it is (see on_train_epoch_end)
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """``ModelCheckpoint``'s epoch-end saves, except when ``max_steps`` cut the epoch short:
+        Lightning calls the epoch-end hooks then too, with the epoch counted as done, so a file
+        written there resumes at the start of the next epoch (the rest of this one never read, the
+        bar saying "Epoch 1"). The last step was saved in ``on_train_batch_end`` instead."""
+        if epoch_cut_short(trainer):
+            return
+        super().on_train_epoch_end(trainer, pl_module)
 
     # -- RNG states --------------------------------------------------------------------------------
     def on_save_checkpoint(

@@ -6,6 +6,7 @@ seconds (a CPU, a large model) that bar sits at ``0/N`` for minutes, and a 20-st
 ``ProgressBar`` also redraws once ``refresh_seconds`` have passed since the last redraw: at most one
 extra sync every few seconds, none on fast steps.
 """
+import math
 import time
 from typing import Any
 
@@ -32,6 +33,20 @@ class ProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: "pl.Trainer", *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
         self._last_draw = time.monotonic()
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """A run resumed mid-epoch gets no ``on_train_epoch_start`` from Lightning: the bar would
+        read ``Training: 0/?``. It is set up here as that hook would, at the batch the epoch resumes."""
+        super().on_train_start(trainer, pl_module)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if trainer.fit_loop.restarted_mid_epoch or done > 0:
+            self.on_train_epoch_start(trainer)
+            bar = self.train_progress_bar
+            # Lightning's total counts from the epoch's start, or the steps left under max_steps
+            total = min(trainer.num_training_batches, done + self.total_train_batches)
+            bar.total = None if math.isinf(total) else int(total)
+            bar.initial = bar.n = done
+            bar.refresh()
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:

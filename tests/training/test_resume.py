@@ -232,7 +232,7 @@ def test_crash_during_save_never_leaves_only_a_corrupt_checkpoint(kind, shards, 
         short_fit(shards, tmp_path, callback, plugins=[FailingIO(fail_at=4)])
     last = folder / "last.ckpt"
     if kind == "ModelCheckpoint":  # the control: Lightning's own writer leaves a truncated last.ckpt
-        with pytest.raises(ValueError, match="cannot be read"):
+        with pytest.raises(ValueError, match="truncated or damaged"):
             safe_torch_load(last)
         return
     assert safe_torch_load(last)["global_step"] == 1  # the previous last.ckpt, intact
@@ -317,3 +317,40 @@ def test_pretraining_recipes_checkpoint_with_the_resumable_callback(recipe):
     built = [Checkpoint(**c["init_args"]) for c in callbacks if c["class_path"] == "ssl_vit.training.Checkpoint"]
     resume = [c for c in built if c.save_last]
     assert len(resume) == 1 and resume[0]._every_n_train_steps > 0 and resume[0].keep_last >= 1
+
+
+class FirstBatch(Callback):
+    """Records the epoch, the batch index and the progress bar's text at the first batch of a fit."""
+    def __init__(self):
+        self.seen = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.seen is None:
+            bar = trainer.progress_bar_callback.train_progress_bar
+            self.seen = (trainer.current_epoch, batch_idx, bar.desc, bar.n, bar.total)
+
+
+def test_a_run_stopped_by_max_steps_resumes_mid_epoch(shards, tmp_path):
+    """Lightning runs the epoch-end hooks when max_steps stops it mid-epoch, with the epoch counted as
+    done: a last.ckpt written there resumed at the start of epoch 1 (the rest of epoch 0 never read,
+    the bar saying "Epoch 1"). Checkpoint saves the last step as the mid-epoch state instead."""
+    from ssl_vit.training import ProgressBar
+
+    folder = tmp_path / "ckpt"
+
+    def fit(max_steps, ckpt_path=None):
+        first = FirstBatch()
+        model, dm = build("mae"), datamodule("mae", shards, 0)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_model_summary=False,
+                             default_root_dir=str(tmp_path), callbacks=[
+                                 Checkpoint(dirpath=str(folder), every_n_train_steps=100), first,
+                                 ProgressBar(refresh_rate=1)])
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return first.seen
+
+    fit(STOP)  # 3 of the epoch's 6 batches
+    saved = safe_torch_load(folder / "last.ckpt")
+    assert saved["global_step"] == STOP and saved["epoch"] == 0
+    epoch, batch_idx, desc, n, total = fit(STOP + 2, ckpt_path="last")
+    assert (epoch, batch_idx) == (0, STOP)  # the rest of epoch 0, not the start of epoch 1
+    assert desc.startswith("Epoch 0") and n == STOP and total == STOP + 2
