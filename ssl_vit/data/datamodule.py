@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from ssl_vit.data.pipeline import ShardStream
 from ssl_vit.data.resume import ResumableLoader
 from ssl_vit.data.shard_info import ShardInfo, load_shard_info
-from ssl_vit.data.stall import DEFAULT_READ_TIMEOUT_S, DEFAULT_WORKER_TIMEOUT_S, check_timeout
+from ssl_vit.data.stall import DEFAULT_READ_TIMEOUT_S, DEFAULT_WORKER_TIMEOUT_S, WatchedLoader, check_timeout
 from ssl_vit.data.transforms import EvalTransform, PretrainTransform
 from ssl_vit.data.workers import IgnoreSignals
 
@@ -200,7 +200,7 @@ class _BaseDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=False,
-            timeout=self.worker_timeout if self.num_workers else 0,  # ssl_vit.data.stall
+            worker_timeout=self.worker_timeout,  # ssl_vit.data.stall.WatchedLoader
             worker_init_fn=IgnoreSignals(),  # the signals the main process answers (ssl_vit.data.workers)
         )
 
@@ -328,4 +328,4 @@ class ShardDataModule(_BaseDataModule):
         return self._eval_loader("val")
 
     def _eval_loader(self, split: str, with_keys: bool = False) -> DataLoader:
-        return DataLoader(self._stream(split, train=False, with_keys=with_keys), **self._loader_kwargs())
+        return WatchedLoader(self._stream(split, train=False, with_keys=with_keys), **self._loader_kwargs())

@@ -10,7 +10,7 @@ from ssl_vit.data.datamodule import _BaseDataModule
 from ssl_vit.data.decode import MIN_CHECKED_SAMPLES, CorruptCounter, CorruptSampleError, open_image, to_rgb
 from ssl_vit.data.listing import list_images
 from ssl_vit.data.resume import ResumableSampler, call_seeded, sample_seed
-from ssl_vit.data.stall import DEFAULT_WORKER_TIMEOUT_S
+from ssl_vit.data.stall import DEFAULT_WORKER_TIMEOUT_S, WatchedLoader
 
 
 class _ImageFiles(Dataset):
@@ -128,7 +128,7 @@ class ImageFolderDataModule(_BaseDataModule):
                 DistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1
                 else SequentialSampler(dataset)
             )
-            return DataLoader(dataset, sampler=sampler, **self._loader_kwargs())
+            return WatchedLoader(dataset, sampler=sampler, **self._loader_kwargs())
         if math.ceil(len(dataset) / world_size) < self.batch_size:
             raise ValueError(
                 f"{self.train!r} has {len(dataset)} images: fewer than one batch of {self.batch_size} per rank"

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
-from ssl_vit.data.stall import worker_stall_error
+from ssl_vit.data.stall import WatchedLoader, worker_stall_error
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class _Deferred:
         return len(self.loader)
 
 
-class ResumableLoader(DataLoader):
+class ResumableLoader(WatchedLoader):
     """A training DataLoader whose epoch starts where the training loop is (see the module docstring).
 
     Args:

@@ -13,8 +13,10 @@ back-off (seconds to a minute), so reaching it means the source stalled. Local f
 directly (``select`` cannot tell a stalled disk), and rely on the worker timeout.
 
 **Worker timeout** (``worker_timeout`` of both DataModules, default
-:data:`DEFAULT_WORKER_TIMEOUT_S`): the DataLoader's ``timeout``: the longest the main process waits
-for one batch from its workers. Past it the training loader raises :class:`WorkerStallError` naming
+:data:`DEFAULT_WORKER_TIMEOUT_S`): the longest the main process waits for one batch from its workers
+(:class:`WatchedLoader`). It is not the DataLoader's own ``timeout``: with that set, torch waits the
+whole timeout in one call and stops checking every 5 s whether a worker died, so a worker killed by
+the OOM killer went unreported for 10 minutes instead of 5 seconds. Past it the training loader raises :class:`WorkerStallError` naming
 the worker that owed the batch. The default, 10 minutes, covers the slowest batch a healthy worker
 makes: its start, opening a shard, filling the shuffle buffer and, when a run resumes mid-epoch,
 reading past the samples already trained (a resume far into an epoch on slow storage may need more).
@@ -26,7 +28,11 @@ import re
 import select
 import stat
 import subprocess
-from typing import Any, BinaryIO, Optional
+import time
+from typing import Any, BinaryIO, Optional, Tuple
+
+from torch.utils.data import DataLoader
+from torch.utils.data._utils import MP_STATUS_CHECK_INTERVAL
 
 from webdataset.gopen import gopen
 
@@ -140,3 +146,46 @@ def worker_stall_error(error: RuntimeError, batch: int, num_workers: int) -> Opt
         f"(waiting for batch {batch}; the worker timeout, the DataModule's worker_timeout): it is stopped "
         "(SIGSTOP?), stuck, or its data source stalled"
     )
+
+
+class WatchedLoader(DataLoader):
+    """A ``DataLoader`` whose ``worker_timeout`` (seconds, 0: none) bounds the wait for one batch from
+    its workers, raising torch's own ``DataLoader timed out after N seconds`` (which
+    :func:`worker_stall_error` turns into a :class:`WorkerStallError`).
+
+    The wait is made of torch's own 5-second polls (``timeout=0``), each of which checks that every
+    worker is alive, so a dead worker is still reported within seconds.
+    """
+
+    def __init__(self, *args: Any, worker_timeout: float = 0.0, **kwargs: Any) -> None:
+        if kwargs.get("timeout"):
+            raise ValueError("WatchedLoader: give worker_timeout, not timeout (see ssl_vit.data.stall)")
+        super().__init__(*args, **kwargs)
+        self.worker_timeout = float(worker_timeout or 0.0)
+
+    def _get_iterator(self) -> Any:
+        iterator = super()._get_iterator()
+        if self.num_workers > 0 and self.worker_timeout > 0:
+            _bound_the_wait(iterator, self.worker_timeout)
+        return iterator
+
+
+def _bound_the_wait(iterator: Any, timeout: float) -> None:
+    """Make a multi-process loader iterator give up on a batch after ``timeout`` seconds of waiting
+    (torch private API: ``_get_data`` waits for one batch, ``_try_get_data`` polls once)."""
+    get_data, try_get_data = iterator._get_data, iterator._try_get_data
+    started = [0.0]
+
+    def _get_data() -> Any:
+        started[0] = time.monotonic()
+        return get_data()
+
+    def _try_get_data(poll: float = MP_STATUS_CHECK_INTERVAL) -> Tuple[bool, Any]:
+        waited = time.monotonic() - started[0]
+        ok, data = try_get_data(max(0.01, min(poll, timeout - waited)))
+        if not ok and time.monotonic() - started[0] >= timeout:
+            raise RuntimeError(f"DataLoader timed out after {timeout:g} seconds")
+        return ok, data
+
+    iterator._get_data, iterator._try_get_data = _get_data, _try_get_data
+

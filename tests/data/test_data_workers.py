@@ -6,9 +6,10 @@ import signal
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ssl_vit.data import ShardDataModule
+from ssl_vit.data.stall import WatchedLoader
 from ssl_vit.data.workers import (
     IgnoreSignals,
     main_process_signals,
@@ -32,7 +33,7 @@ class Dispositions(Dataset):
 def ignored_in_worker(context: str) -> dict:
     """What a worker of an ssl_vit DataModule's loader ignores, started with ``context``."""
     kwargs = ShardDataModule("unused-{0..1}.tar", num_workers=1, pin_memory=False)._loader_kwargs()
-    loader = DataLoader(Dispositions(), **dict(kwargs, batch_size=1), multiprocessing_context=context)
+    loader = WatchedLoader(Dispositions(), **dict(kwargs, batch_size=1), multiprocessing_context=context)
     (flags,) = list(loader)
     return {s.name: bool(f) for s, f in zip(WATCHED, flags[0])}
 
