@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo quality clean
+.PHONY: install test test-fast demo quality figures clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ CIFAR10 ?= ../shared/datasets/cifar10-jpg.tar.gz
 quality: $(STAMP)
 	$(PY) tools/bench_quality.py --data $(CIFAR10) --output runs/quality --resume $(QUALITY_ARGS)
 	cp runs/quality/attention_gallery.png docs/attention_gallery.png
+
+# the CPU figures the docs quote, re-measured on this machine: sharding, 20 steps of each CIFAR-10
+# recipe, the demo (runs/figures/figures.json; prints a summary)
+figures: $(STAMP)
+	$(PY) tools/measure_figures.py --data $(CIFAR10) --output runs/figures --demo
 
 clean:
 	rm -rf runs .pytest_cache

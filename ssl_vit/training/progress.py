@@ -6,9 +6,11 @@ seconds (a CPU, a large model) that bar sits at ``0/N`` for minutes, and a 20-st
 ``ProgressBar`` also redraws once ``refresh_seconds`` have passed since the last redraw: at most one
 extra sync every few seconds, none on fast steps.
 """
+import json
 import math
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, List, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
@@ -62,3 +64,39 @@ class ProgressBar(TQDMProgressBar):
             bar.n = batch_idx + 1
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws too
             self._last_draw = now
+
+
+class StepTimer(pl.Callback):
+    """Wall time of every training batch (data wait included), written as JSON at the end of fit:
+    ``{"step_s": [...], "median_s": ...}`` in ``path`` (``tools/measure_figures.py`` reads it).
+
+    The first batch includes the workers' start and the first compilation or allocation; the median
+    of the rest is the step time the docs quote.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.step_s: List[float] = []
+        self._last: Optional[float] = None
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._last = time.perf_counter()
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.step_s.append(now - self._last)
+        self._last = now
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not trainer.is_global_zero:
+            return
+        rest = sorted(self.step_s[1:]) or sorted(self.step_s)
+        median = rest[len(rest) // 2] if rest else None
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.path).write_text(json.dumps({"step_s": self.step_s, "median_s": median}, indent=1))
+
