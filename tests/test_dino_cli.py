@@ -2,16 +2,13 @@
 ``ssl_vit.load_backbone``, and every DINO recipe parsed strictly and checked against the paper."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from ssl_vit.checkpoints.load import load_backbone
 from ssl_vit.cli import main as cli_main
 from ssl_vit.cli import run_lightning
-from ssl_vit.data import write_shards
 from ssl_vit.data.gpu_augment import MultiCropGPUAugment
 from ssl_vit.methods.dino import DINO
 from ssl_vit.models.backbone import VIT_SIZES
@@ -23,15 +20,8 @@ SMOKE = str(ROOT / "ssl_vit" / "recipes" / "smoke" / "dino.yaml")
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dino_data")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        folder = tmp / "images" / f"class{i % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    write_shards(tmp / "images", tmp / "shards", "train", shard_size=4, progress=False)
-    return str(tmp / "shards" / "train-{000000..000001}.tar")
+def shards(two_class_shards):
+    return two_class_shards
 
 
 def test_smoke_recipe_runs_with_fast_dev_run(shards, tmp_path):

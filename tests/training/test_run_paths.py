@@ -3,14 +3,11 @@ checkpoints and logs, ``--data.train / --data.eval_train / --data.val`` move all
 monitor and the attention gallery read the run's DataModule)."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from jsonargparse import Namespace
-from PIL import Image
 
 from ssl_vit.cli import fill_root_dir, run_lightning
-from ssl_vit.data import write_shards
 from ssl_vit.recipes import RECIPES_DIR
 
 SMOKE = str(RECIPES_DIR / "smoke" / "dino.yaml")
@@ -59,15 +56,8 @@ def test_fill_root_dir_replaces_the_token_everywhere():
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("run_paths")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        folder = tmp / "images" / f"class{i % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    write_shards(tmp / "images", tmp / "shards", "train", shard_size=4, progress=False)
-    return str(tmp / "shards" / "train-{000000..000001}.tar")
+def shards(two_class_shards):
+    return two_class_shards
 
 
 CALLBACKS = """
