@@ -10,6 +10,7 @@ from ssl_vit.models.backbone import backbone_options, create_backbone
 from ssl_vit.models.masked_vit import MaskedViT
 from ssl_vit.models.pos_embed import expand_factorized, position_embedding, resample_pos_embed, split_factorized
 from ssl_vit.models.stems import ConvStemEmbed
+from ssl_vit.viz.attention import self_attention
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 OPTIONS = [dict(pos_embed="factorized"), dict(pos_embed="rope"), dict(pos_embed="rel_bias"), dict(stem="conv")]
@@ -154,3 +155,17 @@ def test_masked_encoder_equals_attention_restricted_to_the_visible_tokens(option
         tokens, keep, mask, grid = MaskedViT(model)(images(), 0.75, noise)
         assert tokens.shape == (2, 1 + 16, 32) and grid == (8, 8)
         torch.testing.assert_close(tokens, visible_rows_with_attention_mask(model, keep), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: "-".join(o.values()))
+def test_attention_maps_read_on_the_manual_path_match_the_fused_forward(option):
+    """ssl_vit.viz reads attention on timm's manual path: with each option it gives the fused result."""
+    model, x = build(**option), images()
+    attention = self_attention(model, x)
+    assert attention.shape == (2, 2, 65, 65)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 2, 65))
+    with torch.no_grad():
+        fused = model.forward_features(x)
+        for block in model.blocks:
+            block.attn.fused_attn = False
+        torch.testing.assert_close(model.forward_features(x), fused, atol=1e-5, rtol=1e-4)
