@@ -28,13 +28,14 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from ssl_vit.checkpoints.arch import architecture_differences, architecture_of, grid_side, infer_arch, pos_embed_kwargs
+from ssl_vit.checkpoints.arch import architecture_differences, architecture_of, infer_arch, pos_embed_kwargs
 from ssl_vit.checkpoints.format import CHECKPOINT_KEY
 from ssl_vit.checkpoints.io import (
     PathLike, check_keys, check_shapes, is_safetensors, read_json_object, read_safetensors, safe_torch_load,
 )
 from ssl_vit.models.backbone import create_backbone
-from ssl_vit.models.pos_embed import pos_embed_resample, resample_pos_embed
+from ssl_vit.models.pos_embed import fit_position_state
+from ssl_vit.models.rel_pos import fit_rel_pos_state
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 # The weights files of timm's format, in the order timm prefers them (save_for_hf writes the first,
@@ -120,7 +121,7 @@ def read_backbone(
     except Exception as err:
         raise ValueError(f"cannot build the backbone for {what}: {err}") from err
     state = _adapt_pooling(state, model)
-    state = _resample_pos_embed(state, model)
+    state = fit_rel_pos_state(fit_position_state(state, model), model)  # to the model's grid
     expected = model.state_dict()
     check_keys(expected, state, what, FORMATS)
     check_shapes(expected, state, what)
@@ -285,23 +286,6 @@ def _adapt_pooling(state: Dict[str, Tensor], model: VisionTransformer) -> Dict[s
         if fc and {k.replace("norm.", "fc_norm.", 1) for k in file_norm} == fc:
             state = {k: v for k, v in state.items() if not k.startswith("norm.")}
             state.update({k: v.clone() for k, v in expected.items() if k in fc})
-    return state
-
-
-def _resample_pos_embed(state: Dict[str, Tensor], model: VisionTransformer) -> Dict[str, Tensor]:
-    """Resample the file's position embedding to the model's grid, in the model's convention (for
-    ``"dino"`` this equals the reference's run-time interpolation from the file's grid)."""
-    if "pos_embed" not in state or model.pos_embed is None or state["pos_embed"].shape == model.pos_embed.shape:
-        return state
-    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-    tokens = state["pos_embed"].shape[1] - prefix
-    side = grid_side(tokens, "the file's pos_embed")
-    if state["pos_embed"].shape[-1] != model.pos_embed.shape[-1]:
-        return state  # a width mismatch: check_shapes reports it
-    state = dict(state)
-    state["pos_embed"] = resample_pos_embed(
-        state["pos_embed"], model.patch_embed.grid_size, (side, side), prefix, pos_embed_resample(model)
-    )
     return state
 
 

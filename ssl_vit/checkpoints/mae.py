@@ -38,7 +38,7 @@ _RENAMES: Tuple[Tuple[str, str], ...] = (
 
 # Decoder heads of the reference models: 512 wide with 16 heads for every released size.
 _REFERENCE_DECODER_HEADS = {512: 16}
-_HEADS_BY_WIDTH = {width: heads for width, _, heads in VIT_SIZES.values()}
+_HEADS_BY_WIDTH = {size.embed_dim: size.num_heads for size in VIT_SIZES.values()}
 
 
 def _rename(key: str, src: int) -> str:
@@ -126,13 +126,15 @@ def _constructor_args(config: Dict[str, Any], what: str) -> Dict[str, Any]:
     if "arch" in config:  # the caller named it; the inferred sizes stay as explicit overrides
         return config
     config["arch"] = None
-    for size, (width, depth, heads) in VIT_SIZES.items():
-        if (config["embed_dim"], config["depth"], config["num_heads"]) == (width, depth, heads):
+    mlp_ratio = 4.0  # create_backbone's default for names that are not a table size
+    for size, dims in VIT_SIZES.items():
+        if (config["embed_dim"], config["depth"], config["num_heads"]) == dims[:3]:
             config["arch"] = f"vit_{size}_patch{config.pop('patch_size')}"
             for key in ("embed_dim", "depth", "num_heads"):
                 config.pop(key)
+            mlp_ratio = dims.mlp_ratio
             break
-    if config.get("mlp_ratio") == 4.0:
+    if config.get("mlp_ratio") == mlp_ratio:
         config.pop("mlp_ratio")
     return config
 

@@ -33,7 +33,7 @@ def check_feature(model: VisionTransformer, feature: str, n_last_blocks: int) ->
             f"feature={feature!r} reads the last block only (as the references' average pooling): "
             f"n_last_blocks must be 1, got {n_last_blocks}"
         )
-    if feature in ("cls", "cls_avg") and not model.has_class_token:
+    if feature in ("cls", "cls_avg") and getattr(model, "cls_token", None) is None:
         raise ValueError(f"feature={feature!r} needs a CLS token, this backbone has none: use feature='avg' or 'gap'")
 
 

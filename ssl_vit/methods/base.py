@@ -28,7 +28,8 @@ SCHEDULE_RANGES = {
     "weight_decay": "[0, inf)", "weight_decay_end": "[0, inf)", "betas": "[0, 1)",
 }
 
-TOKENS = ("pos_embed", "cls_token", "reg_token", "mask_token", "decoder_pos_embed", "dist_token")
+TOKENS = ("pos_embed", "cls_token", "reg_token", "mask_token", "decoder_pos_embed", "dist_token",
+          "pos_embed_row", "pos_embed_col", "relative_position_bias_table")  # factorised, relative bias
 
 
 def param_groups(

@@ -34,7 +34,7 @@ from ssl_vit.losses.dino import DINOLoss, teacher_stats
 from ssl_vit.methods.base import ScheduledModule, param_groups
 from ssl_vit.methods.options import check_options
 from ssl_vit.methods.schedules import at, cosine_schedule, linear_then_constant
-from ssl_vit.models.backbone import create_backbone
+from ssl_vit.models.backbone import PosEmbed, Stem, create_backbone
 from ssl_vit.models.dino_head import DINOHead, MultiCropNet
 from ssl_vit.models.pos_embed import PosEmbedResample
 from ssl_vit.models.speed import configure_blocks
@@ -114,6 +114,12 @@ class DINO(ScheduledModule):
         grad_checkpointing: recompute the student's blocks in backward (activation memory).
         compile_augment: ``torch.compile`` the device-side augmentation used when the train
             transform is ``ssl_vit.data.gpu_augment.MultiCropCrops`` (GPU runs).
+        pos_embed: the backbones' position embedding (``create_backbone``): ``"learn"`` (the
+            reference), ``"sincos"``, ``"factorized"``, ``"none"``, ``"rope"`` or ``"rel_bias"``. A
+            relative bias table fits one patch grid: the start-up checks refuse crops of another size
+            (the local crops), so ``"rel_bias"`` trains only with global crops.
+        stem: ``"patch"`` or ``"conv"`` (Xiao et al.; its BatchNorm statistics are per process and
+            the teacher keeps its own, as buffers are not averaged).
 
     Augmentation on the device: when the datamodule's ``train_transform`` is ``MultiCropCrops`` (crops
     and flips only, uint8 views), colour jitter, grayscale, blur, solarisation and normalisation run
@@ -156,6 +162,8 @@ class DINO(ScheduledModule):
         compile_blocks: bool = False,
         grad_checkpointing: bool = False,
         compile_augment: bool = False,
+        pos_embed: PosEmbed = "learn",
+        stem: Stem = "patch",
     ) -> None:
         super().__init__(
             base_lr=base_lr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
@@ -174,6 +182,10 @@ class DINO(ScheduledModule):
         self.backbone_kwargs: Dict[str, Any] = dict(img_size=img_size)
         self.backbone_kwargs.update({k: v for k, v in overrides.items() if v is not None})
         self.backbone_kwargs["pos_embed_resample"] = pos_embed_resample
+        if pos_embed != "learn":
+            self.backbone_kwargs["pos_embed"] = pos_embed
+        if stem != "patch":
+            self.backbone_kwargs["stem"] = stem
 
         def build(drop_path: float) -> MultiCropNet:
             backbone = create_backbone(arch, drop_path_rate=drop_path, **self.backbone_kwargs)

@@ -15,7 +15,7 @@ from ssl_vit.checkpoints.format import CHECKPOINT_KEY, stage_metadata
 from ssl_vit.losses.mae import denormalize_patches, mae_loss
 from ssl_vit.methods.base import ScheduledModule
 from ssl_vit.methods.options import check_options, check_some_visible
-from ssl_vit.models.backbone import create_backbone
+from ssl_vit.models.backbone import PosEmbed, Stem, create_backbone
 from ssl_vit.models.mae_decoder import MAEDecoder
 from ssl_vit.models.masked_vit import MaskedViT
 from ssl_vit.models.patches import patchify, unpatchify
@@ -33,13 +33,16 @@ def mae_backbone_spec(
     depth: Optional[int] = None,
     num_heads: Optional[int] = None,
     mlp_ratio: Optional[float] = None,
+    pos_embed: PosEmbed = "sincos",
+    stem: Stem = "patch",
 ) -> Tuple[str, Dict[str, Any]]:
     """The ``create_backbone`` name and keyword arguments of an MAE encoder.
 
     Explicit sizes override those the name implies. Without a name, ``patch_size``, ``embed_dim``,
     ``depth`` and ``num_heads`` are required and the name becomes ``vit_base_patch<P>`` with every
     size overridden (``create_backbone`` accepts any size under any ``vit_*`` name). The encoder
-    always uses the fixed 2-D sin-cos position embedding.
+    uses the fixed 2-D sin-cos position embedding (the reference) unless ``pos_embed`` says
+    otherwise; ``stem`` is recorded only when it is not the patchify convolution.
     """
     sizes = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
     kwargs: Dict[str, Any] = {k: v for k, v in sizes.items() if v is not None}
@@ -49,7 +52,9 @@ def mae_backbone_spec(
             raise ValueError(f"MAE without `arch` needs explicit {', '.join(missing)} (or give arch, e.g. vit_base_patch16)")
         arch = f"vit_base_patch{patch_size}"
     kwargs["in_chans"] = in_chans
-    kwargs["pos_embed"] = "sincos"
+    kwargs["pos_embed"] = pos_embed
+    if stem != "patch":
+        kwargs["stem"] = stem
     return arch, kwargs
 
 
@@ -81,6 +86,13 @@ class MAE(ScheduledModule):
         compile_blocks: ``torch.compile`` every encoder and decoder block (GPU runs; see
             ``ssl_vit.models.speed``).
         grad_checkpointing: recompute the encoder's blocks in backward (activation memory of ViT-L/H).
+        pos_embed: the encoder's position embedding (``create_backbone``): ``"sincos"`` (the
+            reference), ``"learn"``, ``"factorized"``, ``"none"``, ``"rope"`` (the rotation of each
+            visible patch's own position) or ``"rel_bias"`` (the bias between the visible patches).
+            The decoder keeps its own fixed sin-cos embedding.
+        stem: ``"patch"`` or ``"conv"`` (Xiao et al.). The conv stem runs on the whole image before
+            masking, so a visible token's receptive field (31 px at patch 16) reaches into masked
+            neighbours: the task gets easier near visible patches (the targets are unchanged).
 
     Batches are ``(images, labels)``; ``images`` is ``[B, C, H, W]`` or a list of views, of which
     only the first is used. Labels are ignored.
@@ -115,6 +127,8 @@ class MAE(ScheduledModule):
         wd_exempt_tokens: bool = False,
         compile_blocks: bool = False,
         grad_checkpointing: bool = False,
+        pos_embed: PosEmbed = "sincos",
+        stem: Stem = "patch",
     ) -> None:
         super().__init__(
             base_lr=base_lr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
@@ -126,7 +140,7 @@ class MAE(ScheduledModule):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.backbone_arch, self.backbone_kwargs = mae_backbone_spec(
-            arch, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio
+            arch, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, pos_embed, stem
         )
         vit = create_backbone(self.backbone_arch, drop_path_rate=drop_path_rate, **self.backbone_kwargs)
         check_some_visible(mask_ratio, vit.patch_embed.num_patches)
@@ -155,7 +169,8 @@ class MAE(ScheduledModule):
                     nn.init.zeros_(module.bias)
         proj = self.encoder.vit.patch_embed.proj.weight
         nn.init.xavier_uniform_(proj.data.view(proj.shape[0], -1))
-        for token in (self.encoder.vit.cls_token, self.encoder.vit.reg_token, self.decoder.mask_token):
+        vit = self.encoder.vit
+        for token in (getattr(vit, "cls_token", None), getattr(vit, "reg_token", None), self.decoder.mask_token):
             if token is not None:
                 nn.init.normal_(token, std=0.02)
 

@@ -19,6 +19,8 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from ssl_vit.models.rel_pos import check_input_size
+
 
 class DINOHead(nn.Module):
     """MLP -> L2 normalisation -> weight-normalised prototypes.
@@ -138,6 +140,8 @@ class MultiCropNet(nn.Module):
         batch = crops[0].shape[0]
         if any(c.shape[0] != batch for c in crops):
             raise ValueError(f"all crops need the same batch size, got {[c.shape[0] for c in crops]}")
+        for index, crop in enumerate(crops):  # one-size backbones (relative bias): say which crop does not fit
+            check_input_size(self.backbone, crop.shape[-2:], f"crop {index}")
         features = [
             self.backbone(torch.cat(list(group)))  # [n_same_size * B, D]
             for _, group in groupby(crops, key=lambda c: tuple(c.shape[-2:]))

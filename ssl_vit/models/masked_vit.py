@@ -5,16 +5,18 @@ tokens (CLS, registers) plus a random subset of the patch tokens, the MAE encode
 model keeps its ``vit.*`` parameter names, so the same weights load into MAE, DINO, probes and
 fine-tuning with ``strict=True``. Only public timm attributes are used: ``patch_embed``,
 ``cls_token``, ``reg_token``, ``pos_embed``, ``num_prefix_tokens``, ``no_embed_class``,
-``pos_drop``, ``norm_pre``, ``blocks``, ``norm``.
+``pos_drop``, ``norm_pre``, ``blocks``, ``norm`` (those a family lacks, e.g. ``VisionTransformerRelPos``'s
+``reg_token``, count as absent). RoPE and relative-bias backbones (``ssl_vit.models.rel_pos``) get
+the rotation or bias of the visible tokens passed to their blocks.
 """
 from typing import Optional, Tuple
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ssl_vit.models.pos_embed import pos_embed_resample, resample_pos_embed
+from ssl_vit.models.pos_embed import position_embedding
+from ssl_vit.models.rel_pos import block_kwargs
 
 
 def random_masking(
@@ -53,11 +55,12 @@ class MaskedViT(nn.Module):
     """MAE encoder: a timm ``VisionTransformer`` that sees only the visible patches.
 
     Args:
-        vit: the backbone (e.g. from ``ssl_vit.models.backbone.create_backbone``); its patch
-            embedding may return NHWC (``dynamic_img_size=True``) or NLC tokens.
+        vit: the backbone (e.g. from ``ssl_vit.models.backbone.create_backbone``: a timm
+            ``VisionTransformer``, or ``Eva`` for RoPE); its patch embedding may return NHWC
+            (``dynamic_img_size=True``) or NLC tokens.
     """
 
-    def __init__(self, vit: VisionTransformer) -> None:
+    def __init__(self, vit: nn.Module) -> None:
         super().__init__()
         patch_drop = getattr(vit, "patch_drop", None)
         if patch_drop is not None and not isinstance(patch_drop, nn.Identity):
@@ -96,13 +99,12 @@ class MaskedViT(nn.Module):
             if grid[0] * grid[1] != x.shape[1]:
                 grid = tuple(vit.patch_embed.dynamic_feat_size(images.shape[-2:]))
         batch = x.shape[0]
-        prefix = [t.expand(batch, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        tokens = [getattr(vit, name, None) for name in ("cls_token", "reg_token")]
+        prefix = [t.expand(batch, -1, -1) for t in tokens if t is not None]
         prefix = torch.cat(prefix, dim=1) if prefix else x.new_zeros(batch, 0, x.shape[-1])  # [B, P, D]
-        if vit.pos_embed is not None:
-            num_pos_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-            pos = resample_pos_embed(
-                vit.pos_embed, grid, vit.patch_embed.grid_size, num_pos_prefix, pos_embed_resample(vit)
-            )  # [1, P' + L, D]
+        found = position_embedding(vit, grid)
+        if found is not None:
+            pos, num_pos_prefix = found  # [1, P' + L, D]
             x = x + pos[:, num_pos_prefix:]
             if num_pos_prefix:
                 prefix = prefix + pos[:, :num_pos_prefix]
@@ -134,12 +136,15 @@ class MaskedViT(nn.Module):
         else:
             ids_keep, mask = random_masking(num_patches, batch, mask_ratio, patches.device, noise)
             visible = patches.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))  # [B, K, D]
-        x = self.vit.pos_drop(torch.cat([prefix, visible], dim=1))  # [B, P + K, D]
-        x = self.vit.norm_pre(x)
+        masked = not (mask_ratio == 0.0 and noise is None)
+        kwargs = block_kwargs(self.vit, grid, ids_keep if masked else None, batch)  # RoPE / relative bias
+        x = getattr(self.vit, "pos_drop", nn.Identity())(torch.cat([prefix, visible], dim=1))  # [B, P + K, D]
+        x = getattr(self.vit, "norm_pre", nn.Identity())(x)
         if getattr(self.vit, "grad_checkpointing", False) and torch.is_grad_enabled():
             for block in self.vit.blocks:  # vit.set_grad_checkpointing(): recompute in backward
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False, **kwargs)
         else:
-            x = self.vit.blocks(x)
+            for block in self.vit.blocks:
+                x = block(x, **kwargs)
         x = self.vit.norm(x)
         return x, ids_keep, mask, grid

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ssl_vit.checkpoints.io import check_checkpoint_file
+from ssl_vit.models.backbone import backbone_options
+from ssl_vit.models.rel_pos import BACKBONE_TYPES, fixed_grid
 
 Size = Tuple[int, int]
 
@@ -36,8 +37,39 @@ def view_sizes(transform: Optional[Callable]) -> Optional[List[Size]]:
 
 def model_patch_sizes(module: nn.Module) -> List[Size]:
     """The distinct ``(ph, pw)`` patch sizes of the timm ViTs inside ``module``."""
-    sizes = {tuple(m.patch_embed.patch_size) for m in module.modules() if isinstance(m, VisionTransformer)}
+    sizes = {tuple(m.patch_embed.patch_size) for m in module.modules() if isinstance(m, BACKBONE_TYPES)}
     return sorted((int(h), int(w)) for h, w in sizes)
+
+
+def model_fixed_sizes(module: nn.Module) -> List[Tuple[Size, str]]:
+    """``((H, W), what)`` of each backbone inside ``module`` that takes one image size only: a relative
+    position bias table (``pos_embed="rel_bias"``) or a build without ``dynamic_img_size``."""
+    found = {}
+    for m in module.modules():
+        if isinstance(m, BACKBONE_TYPES) and fixed_grid(m) is not None:
+            h, w = m.patch_embed.img_size
+            options = backbone_options(m)
+            what = ("pos_embed='rel_bias' (a relative bias table fits one patch grid)" if options["pos_embed"] == "rel_bias"
+                    else "a backbone built with dynamic_img_size=False")
+            found[(int(h), int(w))] = what
+    return sorted(found.items())
+
+
+def check_fixed_sizes(transforms: Mapping[str, Optional[Callable]], fixed: Sequence[Tuple[Size, str]]) -> None:
+    """Raise ``ValueError`` naming every transform output a one-size backbone cannot take (DINO's local
+    crops with ``pos_embed="rel_bias"``)."""
+    problems = []
+    for name, transform in transforms.items():
+        sizes = view_sizes(transform)
+        for index, (h, w) in enumerate(sizes or []):
+            for (fh, fw), what in fixed:
+                if (h, w) != (fh, fw):
+                    view = f" view {index}" if len(sizes) > 1 else ""
+                    problems.append(f"{name} ({type(transform).__name__}){view} makes {h}x{w} images, but the model "
+                                    f"takes {fh}x{fw} only: {what}")
+    if problems:
+        raise ValueError("image sizes the model cannot take:\n  " + "\n  ".join(dict.fromkeys(problems)) + "\n"
+                         "use every view at the model's img_size (e.g. no local crops), or pos_embed='rope' (any size)")
 
 
 def _multiples(side: int, patch: int) -> str:
@@ -86,7 +118,8 @@ def stage_transforms(datamodule: Any, stage: str) -> Dict[str, Optional[Callable
 def check_run(module: pl.LightningModule, stage: str, trainer: Optional["pl.Trainer"] = None) -> None:
     """Every start-up check of ``module`` about to run ``stage`` (``"fit"``, ``"validate"``...) on
     its trainer's datamodule (nothing is checked without one): training data that holds no
-    sample, image sizes that are not multiples of the patch size."""
+    sample, image sizes that are not multiples of the patch size, sizes a one-size backbone
+    (``pos_embed="rel_bias"``) cannot take."""
     trainer = trainer if trainer is not None else module._trainer
     datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
     if datamodule is None:
@@ -96,6 +129,9 @@ def check_run(module: pl.LightningModule, stage: str, trainer: Optional["pl.Trai
     patch_sizes = model_patch_sizes(module)
     if patch_sizes:
         check_patch_multiples(stage_transforms(datamodule, stage), patch_sizes)
+    fixed = model_fixed_sizes(module)
+    if fixed:
+        check_fixed_sizes(stage_transforms(datamodule, stage), fixed)
 
 
 class StartupChecks(pl.Callback):

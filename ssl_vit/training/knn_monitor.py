@@ -30,13 +30,14 @@ from ssl_vit.checkpoints.format import find_backbone
 from ssl_vit.eval.distributed import gather_rows, split_for_rank
 from ssl_vit.eval.features import Feature, check_feature, extract_features, vit_features
 from ssl_vit.eval.knn import KNN_TOP1, KNN_TOP5, knn_classify
+from ssl_vit.models.rel_pos import BACKBONE_TYPES
 
 
 def monitored_vit(pl_module: pl.LightningModule, backbone: Union[str, Callable[[pl.LightningModule], Any]]) -> VisionTransformer:
     """The ViT the monitor reads (``ssl_vit.checkpoints.format.find_backbone``), checked to be a timm ViT."""
     model = find_backbone(pl_module, backbone)
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"k-NN monitor expected a timm VisionTransformer, got {type(model).__name__}")
+    if not isinstance(model, BACKBONE_TYPES):
+        raise TypeError(f"k-NN monitor expected a timm VisionTransformer (or Eva, VisionTransformerRelPos), got {type(model).__name__}")
     return model
 
 

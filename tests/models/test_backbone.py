@@ -12,9 +12,20 @@ TINY = dict(embed_dim=32, depth=2, num_heads=2)
 @pytest.mark.parametrize("size", sorted(VIT_SIZES))
 def test_paper_sizes_resolve_to_the_vit_table(size):
     name, kwargs = resolve_arch(f"vit_{size}_patch14")
-    width, depth, heads = VIT_SIZES[size]
+    width, depth, heads, mlp = VIT_SIZES[size]
     assert (kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"], kwargs["patch_size"]) == (width, depth, heads, 14)
+    assert int(width * kwargs["mlp_ratio"]) == mlp
     assert name in timm.list_models()
+
+
+@pytest.mark.parametrize("size, dims", [("giant", (1408, 40, 16, 6144)), ("gigantic", (1664, 48, 16, 8192))])
+def test_giant_and_gigantic_are_the_scaling_papers_g14_and_G14(size, dims):
+    """Built on the meta device (no memory): width, depth, heads and MLP width as Zhai et al.'s table."""
+    with torch.device("meta"):
+        model = create_backbone(f"vit_{size}_patch14")
+    block = model.blocks[0]
+    assert (model.embed_dim, len(model.blocks), block.attn.num_heads, block.mlp.fc1.out_features) == dims
+    assert model.patch_embed.patch_size == (14, 14)
 
 
 def test_small_image_name_and_custom_size():
@@ -29,12 +40,14 @@ def test_small_image_name_and_custom_size():
 def test_timm_names_pass_through_and_unknown_names_fail():
     model = create_backbone("vit_tiny_patch16_224", depth=1)
     assert len(model.blocks) == 1
-    with pytest.raises(ValueError, match="unknown backbone 'vit_gigantic_patch16'"):
-        create_backbone("vit_gigantic_patch16")
+    with pytest.raises(ValueError, match="unknown backbone 'vit_colossal_patch16'"):
+        create_backbone("vit_colossal_patch16")
     with pytest.raises(ValueError, match="not a timm VisionTransformer"):
         create_backbone("resnet18")
     with pytest.raises(ValueError, match="pos_embed"):
-        create_backbone("vit_tiny_patch16", pos_embed="rope")
+        create_backbone("vit_tiny_patch16", pos_embed="alibi")
+    with pytest.raises(ValueError, match="stem"):
+        create_backbone("vit_tiny_patch16", stem="hybrid")
 
 
 @pytest.mark.parametrize("hw", [(224, 224), (448, 448), (256, 320)])
