@@ -140,12 +140,11 @@ def format_costs(arch: str, costs: Sequence[Cost], backbone_kwargs: Dict[str, An
 
 
 def parse_value(text: str) -> Any:
-    """``--set`` values: int, float, true/false/none, else the string itself."""
+    """Option values on a command line: int, float, true/false, else the string itself (``none`` stays
+    the string ``"none"``: ``pos_embed=none`` is a value of its own)."""
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
     for kind in (int, float):
         try:
             return kind(text)
