@@ -96,6 +96,12 @@ def recipe_backbone(recipe: Path) -> Dict[str, Any]:
             "backbone_kwargs": dict(init.get("backbone_kwargs") or {})}
 
 
+def budget(recipe: Path, epochs: int, seed: int, max_minutes: Optional[float]) -> Dict[str, Any]:
+    """What a cell's result depends on besides its options: a resumed study reuses a result only
+    when this matches (a study rerun with more epochs retrains every cell)."""
+    return {"recipe": str(recipe), "epochs": epochs, "seed": seed, "max_minutes": max_minutes}
+
+
 def run_cell(options: Dict[str, Any], base: Dict[str, Any], recipe: Path, train: str, val: str, folder: Path,
              epochs: int, seed: int, max_minutes: Optional[float]) -> Dict[str, Any]:
     """Train one cell and return its result (also written to ``folder/result.json``)."""
@@ -118,7 +124,8 @@ def run_cell(options: Dict[str, Any], base: Dict[str, Any], recipe: Path, train:
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     if "val/top1" not in metrics:
         raise StageError(f"study cell {folder.name}: the run logged no val/top1 (does the recipe have val data?)")
-    result = {"name": folder.name, "options": options, "arch": base["arch"], "backbone_kwargs": kwargs,
+    result = {"name": folder.name, "options": options, "budget": budget(recipe, epochs, seed, max_minutes),
+              "arch": base["arch"], "backbone_kwargs": kwargs,
               **model_options, "img_size": img_size, "params": cost.params, "flops": cost.flops,
               "attention_share": cost.attention_share, "epochs": int(cli.trainer.current_epoch),
               "steps": int(cli.trainer.global_step), "wall_s": wall, "val_top1": metrics["val/top1"],
@@ -196,8 +203,9 @@ def run_study(
         for i, options in enumerate(cells):
             full = {k: options.get(k, base["backbone_kwargs"].get(k, base.get(k))) for k in keys}
             folder = output / "cells" / cell_name(full)
-            if (folder / RESULT).is_file():
-                results.append(json.loads((folder / RESULT).read_text()))
+            done = json.loads((folder / RESULT).read_text()) if (folder / RESULT).is_file() else None
+            if done is not None and done.get("budget") == budget(recipe_path, epochs, seed, max_minutes):
+                results.append(done)
                 print(f"[{i + 1}/{len(cells)}] {folder.name}: done before, skipped", flush=True)
                 continue
             try:
