@@ -29,9 +29,9 @@ def test_writes_json_and_plots_per_layer_and_head(weights_and_images, tmp_path, 
     weights, folder = weights_and_images
     out = tmp_path / "out"
     assert main(["attention-distance", "--weights", str(weights), "--arch", "vit_tiny_patch4_16",
-                 "--images", str(folder), "--output", str(out), "--max-images", "4", "--batch-size", "3"]) == 0
+                 "--images", str(folder), "--output", str(out), "--max-images", "10", "--batch-size", "3"]) == 0
     report = json.loads((out / "attention_distance.json").read_text())
-    assert report["images"] == 4 and report["image_size"] == 16 and report["patch_size"] == 4
+    assert report["images"] == 5 and report["image_size"] == 16 and report["patch_size"] == 4
     assert [layer["layer"] for layer in report["layers"]] == list(range(12))
     max_distance = 4 * np.hypot(3, 3)
     for layer in report["layers"]:
@@ -40,7 +40,7 @@ def test_writes_json_and_plots_per_layer_and_head(weights_and_images, tmp_path, 
         assert all(0 < e <= np.log(17) + 1e-6 for e in layer["entropy"])
     assert (out / "attention_distance.png").is_file() and (out / "attention_entropy.png").is_file()
     printed = capsys.readouterr().out
-    assert "a_notes.txt: not an image file" in printed and "4 images, 12 layers" in printed
+    assert "a_notes.txt: not an image file" in printed and "5 images, 12 layers" in printed
 
 
 def test_no_images_is_one_clear_error(weights_and_images, tmp_path):
@@ -50,8 +50,14 @@ def test_no_images_is_one_clear_error(weights_and_images, tmp_path):
     with pytest.raises(ValueError, match="--images: no readable images"):
         main(["attention-distance", "--weights", str(weights), "--arch", "vit_tiny_patch4_16",
               "--images", str(empty), "--output", str(tmp_path / "out")])
-    with pytest.raises(ValueError, match="state dict does not match"):
+    with pytest.raises(ValueError, match="tensor shapes do not match the model"):
         main(["attention-distance", "--weights", str(weights), "--arch", "vit_small_patch4_16",
+              "--images", str(folder), "--output", str(tmp_path / "out")])
+    state = torch.load(weights)
+    del state["norm.weight"]
+    torch.save(state, tmp_path / "cut.pth")
+    with pytest.raises(ValueError, match=r"state dict does not match the model.\n  missing keys \(1\): norm.weight"):
+        main(["attention-distance", "--weights", str(tmp_path / "cut.pth"), "--arch", "vit_tiny_patch4_16",
               "--images", str(folder), "--output", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["attention-distance", "--weights", str(weights), "--arch", "vit_tiny_patch4_16",
