@@ -26,12 +26,17 @@ def test_bad_grids_are_named(spec, message):
         parse_grid([spec])
 
 
-def test_the_table_has_a_row_per_cell_and_a_mean_per_option_value():
+def test_the_table_has_a_row_per_cell_and_paired_effects():
+    """The effect of an option compares cells that differ in it alone: depth=2 is only seen with
+    pos_embed none here, which a mean over all depth=2 cells would mix in."""
     rows = [{"options": {"depth": d, "pos_embed": p}, "params": 1000 * d, "flops": 2e6 * d, "attention_share": 0.1,
-             "wall_s": 3.0, "val_top1": top1} for d, p, top1 in [(1, "learn", 0.5), (2, "learn", 0.7), (2, "none", 0.9)]]
+             "wall_s": 3.0, "val_top1": top1}
+            for d, p, top1 in [(1, "learn", 0.5), (1, "none", 0.2), (2, "none", 0.3), (2, "sincos", 0.9)]]
     table = markdown_table(rows, ["depth", "pos_embed"])
-    assert "| 2 | none | 2 | 4.0 | 10 | 3 | 90.0 |" in table
-    assert "| depth | 2 | 2 | 80.0 | 90.0 |" in table and "| pos_embed | learn | 2 | 60.0 | 70.0 |" in table
+    assert "| 2 | none | 2 | 4.0 | 10 | 3 | 30.0 |" in table
+    assert "| depth | 2 vs 1 | 1 | +10.0 | +10.0 to +10.0 | 1/1 |" in table
+    assert "| pos_embed | none vs learn | 1 | -30.0 | -30.0 to -30.0 | 0/1 |" in table
+    assert "sincos vs learn" not in table  # no cell with depth 2 and learn to pair with
 
 
 @pytest.fixture()
