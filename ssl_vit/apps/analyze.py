@@ -70,7 +70,7 @@ def attention_distance(args: argparse.Namespace) -> int:
               "image_size": image_size, "device": str(device), "load_s": read_s, "measure_s": measure_s,
               "skipped": skipped, **result.to_json()}
     (output / "attention_distance.json").write_text(json.dumps(report, indent=1))
-    plots = plot_attention_distance(result, output, title=f"{loaded.arch} at {image_size} px")
+    plots = plot_attention_distance(result, output, title=f"{loaded.arch}, patch {patch}, at {image_size} px")
     per_layer = result.distance.mean(dim=1)
     print(f"{result.images} images, {len(per_layer)} layers: mean distance per layer (px) "
           + " ".join(f"{d:.1f}" for d in per_layer.tolist()))

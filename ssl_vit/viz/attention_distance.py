@@ -149,5 +149,5 @@ def plot_attention_distance(result: AttentionDistance, output: PathLike, title: 
         points = [(layer, float(v)) for layer, row in zip(layers, values) for v in row]
         written.append(scatter_png(output / f"{name}.png", {"": points}, "layer (block)", label,
                                    title=f"{title}{', ' if title else ''}{result.images} images, one dot per head",
-                                   x_ticks=layers))
+                                   x_ticks=layers, y_from_zero=True))
     return written

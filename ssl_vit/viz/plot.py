@@ -41,6 +41,7 @@ def scatter_png(
     title: str = "",
     log_x: bool = False,
     x_ticks: Optional[Sequence[float]] = None,
+    y_from_zero: bool = False,
     size: Tuple[int, int] = (720, 480),
 ) -> Path:
     """Draw each series' points in its own colour and write a PNG.
@@ -51,6 +52,7 @@ def scatter_png(
         x_label, y_label, title: axis labels and the title above the plot.
         log_x: log10 x axis (every x must be > 0), ticks at powers of ten and their 2x / 5x.
         x_ticks: explicit x tick values (e.g. the layer indices), else round values.
+        y_from_zero: start the y axis at 0 (distances), not just below the smallest value.
         size: image ``(width, height)`` in pixels.
 
     Returns:
@@ -78,7 +80,7 @@ def scatter_png(
                     if lo - 0.05 <= math.log10(m * 10 ** e) <= hi + 0.05]
     else:
         x_values = nice_ticks(lo, hi)
-    y_values = nice_ticks(min(ys), max(ys))
+    y_values = nice_ticks(min(ys + [0.0]) if y_from_zero else min(ys), max(ys))
     x_low, x_high = min([fx(v) for v in x_values] + [lo]), max([fx(v) for v in x_values] + [hi])
     y_low, y_high = min(y_values + ys), max(y_values + ys)
     if x_high == x_low:
