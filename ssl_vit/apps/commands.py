@@ -38,6 +38,9 @@ COMMANDS: Dict[str, Command] = {
     "reconstruct": Command("ssl_vit.apps.reconstruct:main", "MAE reconstruction grids for any images"),
     "benchmark": Command("ssl_vit.apps.benchmark:main", "training throughput of MAE or DINO (one JSON line)"),
     "quality": Command("ssl_vit.apps.quality:command", "the CIFAR-10 representation-quality benchmark (one GPU)"),
+    "analyze": Command("ssl_vit.apps.analyze:main", "measure a backbone on images: analyze attention-distance (ViT Fig. 7)"),
+    "study": Command("ssl_vit.apps.study:main", "train a grid of backbone options (one recipe run each) into one table"),
+    "describe": Command("ssl_vit.apps.describe:main", "parameters, tokens, counted GFLOPs and attention share per resolution"),
 }
 REFUSED = {
     "test": "`ssl-vit test` is not offered: no stage has a test split. Held-out accuracy is `ssl-vit validate` "

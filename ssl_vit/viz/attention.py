@@ -154,6 +154,19 @@ def self_attention(model: nn.Module, images: torch.Tensor, layer: int = -1) -> t
     return _capture(model, images, [_layer_index(model, layer)])[0]
 
 
+def all_attentions(model: nn.Module, images: torch.Tensor) -> List[torch.Tensor]:
+    """Post-softmax self-attention of every block, first block first, from one forward.
+
+    Args:
+        model: a timm ViT; every block runs on the manual path during this call.
+        images: ``[B, C, H, W]`` (sides multiples of the patch size).
+
+    Returns:
+        one ``[B, heads, T, T]`` per block; rows sum to 1.
+    """
+    return _capture(model, images, list(range(len(model.blocks))))
+
+
 def fuse_heads(attention: torch.Tensor, head_fusion: HeadFusion = "mean") -> torch.Tensor:
     """``[B, heads, T, T]`` -> ``[B, T, T]`` by the mean, max or min over heads."""
     if head_fusion == "mean":
@@ -211,8 +224,7 @@ def attention_rollout(
         ``[B, T, T]`` (float32); rows sum to 1.
     """
     fuse_heads(torch.zeros(1, 1, 1, 1), head_fusion)  # fail on a bad name before the forward
-    attentions = _capture(model, images, list(range(len(model.blocks))))
-    return rollout_from_attentions(attentions, head_fusion, discard_ratio)
+    return rollout_from_attentions(all_attentions(model, images), head_fusion, discard_ratio)
 
 
 def cls_patch_attention(attention: torch.Tensor, grid: Tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
@@ -330,7 +342,7 @@ def best_head(scores: torch.Tensor) -> Tuple[int, float]:
 
 
 __all__: List[str] = [
-    "attention_maps", "attention_rollout", "best_head", "check_image_size", "cls_patch_attention",
+    "all_attentions", "attention_maps", "attention_rollout", "best_head", "check_image_size", "cls_patch_attention",
     "fuse_heads", "jaccard_index", "manual_attention", "mass_threshold_masks", "rollout_from_attentions",
     "self_attention",
 ]

@@ -18,6 +18,7 @@ from ssl_vit.models.backbone import patch_size
 from ssl_vit.viz.gallery import export_batch, render_columns, shared_scale
 from ssl_vit.viz.images import MAX_TOKENS, TooManyPatches, collect_images, prepare_image
 from ssl_vit.viz.page import GalleryEntry, write_index
+from ssl_vit.viz.periodic import due_run_dir, image_inputs
 
 
 def mosaic(image: np.ndarray, rendered: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -82,9 +83,7 @@ class AttentionGalleryLogger(pl.Callback):
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
-        self.inputs: Sequence[str] = [images] if isinstance(images, (str, Path)) else list(images or [])
-        if images is not None and not self.inputs:
-            raise ValueError("AttentionGalleryLogger needs at least one image")
+        self.inputs: Sequence[str] = image_inputs(images, "AttentionGalleryLogger")
         self.num_images = num_images
         self.every_n_epochs, self.image_size, self.backbone = every_n_epochs, image_size, backbone
         self.threshold, self.layer, self.rollout, self.max_tokens = threshold, layer, rollout, max_tokens
@@ -134,14 +133,12 @@ class AttentionGalleryLogger(pl.Callback):
         return [pictures[i] for i in sorted(pictures)]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
-        if not trainer.is_global_zero:
+        run_dir = due_run_dir(trainer, self.every_n_epochs)
+        if run_dir is None:
             return
         if not self._images:
             raise RuntimeError("AttentionGalleryLogger has no images: setup(stage='fit') did not run")
-        output = Path(run_dir) / "attention" / f"epoch_{trainer.current_epoch:03d}"
+        output = run_dir / "attention" / f"epoch_{trainer.current_epoch:03d}"
         pictures = self.render(pl_module, output)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -1,6 +1,5 @@
 """Log MAE reconstructions of a fixed set of images every few epochs (PNG in the run directory, and
 to wandb when the run logs there)."""
-from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 import pytorch_lightning as pl
@@ -8,6 +7,7 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ssl_vit.viz.periodic import due_run_dir
 from ssl_vit.viz.reconstruction import labelled, mask_noise, reconstruction_grid
 
 
@@ -84,10 +84,8 @@ class ReconstructionLogger(pl.Callback):
 
     # -- rendering --------------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
-        if not trainer.is_global_zero:
+        run_dir = due_run_dir(trainer, self.every_n_epochs)
+        if run_dir is None:
             return
         images = self.fixed_images()
         if images is None:
@@ -96,7 +94,7 @@ class ReconstructionLogger(pl.Callback):
         noise = mask_noise(len(images), (images.shape[-2] // patch) * (images.shape[-1] // patch), self.seed)
         mask_ratio = pl_module.mask_ratio if self.mask_ratio is None else self.mask_ratio
         grid = reconstruction_grid(pl_module, images, mask_ratio, self.mean, self.std, noise)
-        path = Path(run_dir) / "reconstructions" / f"epoch_{trainer.current_epoch:03d}.png"
+        path = run_dir / "reconstructions" / f"epoch_{trainer.current_epoch:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         picture = labelled(grid)
         picture.save(path)

@@ -12,7 +12,7 @@ from ssl_vit.cli import main as cli_main
 from ssl_vit.recipes import RECIPES_DIR, find_recipe, packaged_recipes
 
 ROOT = Path(__file__).resolve().parents[2]
-APPS = ["demo", "make-shards", "index-shards", "export", "attention", "reconstruct", "benchmark", "quality"]
+APPS = ["demo", "make-shards", "index-shards", "export", "attention", "reconstruct", "benchmark", "quality", "analyze", "study", "describe"]
 
 
 def _available(name: str) -> bool:

@@ -47,16 +47,6 @@ class TinyDINO(pl.LightningModule):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32)), batch_size=2)
 
 
-@pytest.fixture()
-def images(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "fixed"
-    root.mkdir()
-    for name, size in [("cat", (48, 32)), ("dog", (32, 32)), ("owl", (32, 40))]:
-        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / f"{name}.png")
-    return root
-
-
 def test_gallery_per_epoch_in_the_run_directory_from_the_teacher(images, tmp_path):
     torch.manual_seed(0)
     module = TinyDINO()
