@@ -10,6 +10,7 @@ product peak measured on the same device in the same run (bf16 on CUDA, fp32 on 
 import argparse
 import gc
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, List, Optional
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from ssl_vit.apps import benchmark_data
 from ssl_vit.data import PretrainTransform, ShardDataModule
 from ssl_vit.data.gpu_augment import MultiCropCrops
 from ssl_vit.data.multicrop import MultiCropTransform
@@ -261,7 +263,13 @@ def find_max_batch(cfg: BenchConfig, limit: int = 8192) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    p = argparse.ArgumentParser(prog="ssl-vit benchmark", description=__doc__.splitlines()[0])
+    """``ssl-vit benchmark``: one training-throughput row; ``--data-only``: the input-pipeline benchmark
+    (:mod:`ssl_vit.apps.benchmark_data`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--data-only" in argv:
+        return benchmark_data.main([a for a in argv if a != "--data-only"])
+    p = argparse.ArgumentParser(prog="ssl-vit benchmark", description=__doc__.splitlines()[0],
+                                epilog="--data-only: the CPU input-pipeline benchmark (see --data-only --help)")
     defaults = argparse.Namespace(**{f.name: f.default for f in fields(BenchConfig)})
     p.add_argument("--method", choices=["mae", "dino"], required=True)
     p.add_argument("--arch", default=defaults.arch)
