@@ -2,11 +2,13 @@
 JPEG bytes to the tensors a training step takes, for the reference pipelines and ours side by side.
 
 Every pipeline starts from the bytes of :func:`ssl_vit.apps.benchmark_images.benchmark_jpegs` (decode
-included) and runs in ``torch.utils.data.DataLoader`` workers (one thread each, batches of 16,
-collated as in training) at each worker count. All pipelines and worker counts are measured in
+included) and runs in ``torch.utils.data.DataLoader`` workers (one thread each, batches of 8,
+collated as in training) at each worker count. The rate per core is measured by the workers' CPU time
+(``time.process_time`` around each batch's transforms and collation), which other processes on a
+shared machine do not inflate; the wall-clock rate per worker is reported beside it. All pipelines and worker counts are measured in
 one run, interleaved round by round (each round in a rotated order), so that on a shared, noisy
 machine the ratios to the reference, taken within each round, hold; the summary gives medians over
-the rounds. Per core means images per second divided by the number of workers.
+the rounds.
 
 The reference pipelines are built here from torchvision v1 transforms as the references compose
 them: DINO's ``DataAugmentationDINO`` (facebookresearch/dino ``main_dino.py``: global crops 224 at
@@ -25,13 +27,13 @@ import platform
 import random
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import PIL
 import torch
 import torchvision
 from PIL import Image, ImageFilter, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -43,7 +45,7 @@ from ssl_vit.data.transforms import PretrainTransform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LOCAL_CROPS = 10  # DINO ViT-S/16's 2 x 224 + 10 x 96
-BATCH = 16
+BATCH = 8
 
 
 # -- the reference pipelines (torchvision v1, as the references compose them) --------------------------
@@ -147,41 +149,51 @@ def reference_of(name: str) -> Optional[str]:
 
 
 # -- timing -----------------------------------------------------------------------------------------------
-class _Stream(Dataset):
-    """Endless indices into the JPEG list; each worker builds its pipeline on first use."""
+class _Batches(Dataset):
+    """Batch ``i`` = images ``i * BATCH ...`` of the JPEG list through the pipeline, collated, with the
+    CPU seconds the worker spent on it (``time.process_time``: the time it ran, whatever else
+    shares the cores). Each worker builds its pipeline on first use."""
 
     def __init__(self, jpegs: Sequence[bytes], pipeline: str) -> None:
         self.jpegs, self.pipeline = jpegs, pipeline
         self.fn: Optional[Callable[[bytes], Any]] = None
 
     def __len__(self) -> int:
-        return 10**9
+        return 10**8
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, index: int) -> Tuple[Any, float]:
         if self.fn is None:
             self.fn = PIPELINES[self.pipeline][1]()
-        return self.fn(self.jpegs[index % len(self.jpegs)])
+        cpu = time.process_time()
+        items = [self.fn(self.jpegs[(index * BATCH + k) % len(self.jpegs)]) for k in range(BATCH)]
+        batch = default_collate(items)
+        return batch, time.process_time() - cpu
 
 
 def measure(jpegs: Sequence[bytes], pipeline: str, workers: int, seconds: float, offset: int = 0) -> Dict[str, Any]:
-    """Images per second of ``pipeline`` with ``workers`` DataLoader workers: the first batch of each
-    worker is warm-up (process start, pipeline construction); then batches are counted until
-    ``seconds`` have passed."""
-    stream = _Stream(jpegs, pipeline)
-    sampler = range(offset, offset + 10**8)  # each measurement starts elsewhere in the set
-    loader = DataLoader(stream, batch_size=BATCH, sampler=sampler, num_workers=workers, persistent_workers=False)
+    """Images per second of ``pipeline`` with ``workers`` DataLoader workers (prefetch 1), by the wall
+    clock and by the CPU time the workers spent (``img_per_cpu_s``: images per second of one core's
+    time, robust to other processes sharing the cores).
+
+    Warm-up is two batches per worker: process start, pipeline construction, and the batch each
+    worker had prefetched (which would arrive at once and inflate a short window). Then batches are
+    counted until ``seconds`` have passed and at least two batches per worker have arrived."""
+    sampler = range(offset, offset + 10**7)  # each measurement starts elsewhere in the set
+    loader = DataLoader(_Batches(jpegs, pipeline), batch_size=None, sampler=sampler, num_workers=workers,
+                        prefetch_factor=1)
     it = iter(loader)
-    for _ in range(workers):
+    for _ in range(2 * workers):
         next(it)
-    start, images = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        next(it)
-        images += BATCH
+    start, batches, cpu = time.perf_counter(), 0, 0.0
+    while time.perf_counter() - start < seconds or batches < 2 * workers:
+        cpu += next(it)[1]
+        batches += 1
     elapsed = time.perf_counter() - start
     del it
-    rate = images / elapsed
+    rate, images = batches * BATCH / elapsed, batches * BATCH
     return {"pipeline": pipeline, "workers": workers, "images": images, "seconds": round(elapsed, 3),
-            "img_per_s": round(rate, 2), "img_per_s_per_core": round(rate / workers, 2)}
+            "img_per_s": round(rate, 2), "img_per_s_per_core": round(rate / workers, 2),
+            "cpu_s": round(cpu, 3), "img_per_cpu_s": round(images / cpu, 2)}
 
 
 def machine() -> Dict[str, Any]:
@@ -210,24 +222,26 @@ def run(jpegs: Sequence[bytes], pipelines: Sequence[str], workers: Sequence[int]
     return rows
 
 
-def summarise(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per (pipeline, workers): median img/s per core over rounds, and the median over rounds of the
-    ratio to the reference measured in the same round."""
-    by = {(r["pipeline"], r["workers"], r["round"]): r["img_per_s_per_core"] for r in rows}
+def summarise(rows: Sequence[Dict[str, Any]], metric: str = "img_per_cpu_s") -> List[Dict[str, Any]]:
+    """Per (pipeline, workers): the median over rounds of ``metric`` and of the wall-clock rate per core,
+    and the median over rounds of the ratio to the reference measured in the same round."""
     out = []
     for pipeline in dict.fromkeys(r["pipeline"] for r in rows):
         for w in sorted({r["workers"] for r in rows if r["pipeline"] == pipeline}):
-            rounds = sorted(k[2] for k in by if k[0] == pipeline and k[1] == w)
+            mine = {r["round"]: r for r in rows if r["pipeline"] == pipeline and r["workers"] == w}
             ref = reference_of(pipeline)
-            ratios = [by[(pipeline, w, r)] / by[(ref, w, r)] for r in rounds if ref and (ref, w, r) in by]
+            theirs = {r["round"]: r for r in rows if r["pipeline"] == ref and r["workers"] == w}
+            ratios = [mine[k][metric] / theirs[k][metric] for k in mine if k in theirs]
             out.append({"pipeline": pipeline, "workers": w,
-                        "img_per_s_per_core": round(statistics.median(by[(pipeline, w, r)] for r in rounds), 1),
+                        metric: round(statistics.median(r[metric] for r in mine.values()), 1),
+                        "img_per_s_per_core": round(statistics.median(r["img_per_s_per_core"] for r in mine.values()), 1),
                         "x_reference": round(statistics.median(ratios), 2) if ratios else None})
     return out
 
 
 def markdown(summary: Sequence[Dict[str, Any]], workers: Sequence[int]) -> str:
-    """The summary as a markdown table: one row per pipeline, img/s per core (x reference) per worker count."""
+    """The summary as a markdown table: one row per pipeline; per worker count, images per CPU-second
+    (x the reference) and, after the slash, wall-clock images per second per worker."""
     head = "| pipeline | what | " + " | ".join(f"{w} worker{'s' if w > 1 else ''}" for w in workers) + " |"
     lines = [head, "|" + "---|" * (2 + len(workers))]
     cells = {(s["pipeline"], s["workers"]): s for s in summary}
@@ -236,7 +250,7 @@ def markdown(summary: Sequence[Dict[str, Any]], workers: Sequence[int]) -> str:
         for w in workers:
             s = cells.get((pipeline, w))
             ratio = f" ({s['x_reference']:.2f}x)" if s and s["x_reference"] is not None else ""
-            row.append(f"{s['img_per_s_per_core']:.1f}{ratio}" if s else "")
+            row.append(f"{s['img_per_cpu_s']:.1f}{ratio} / {s['img_per_s_per_core']:.1f}" if s else "")
         lines.append(f"| `{pipeline}` | {PIPELINES[pipeline][0]} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from ssl_vit.data.shards import write_shards
+
 # skimage.data's colour photographs (loaders; the microscopy and synthetic images are left out)
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "stereo_motorcycle")
 
@@ -112,3 +114,14 @@ def describe(jpegs: Sequence[bytes]) -> Dict[str, float]:
         "mean_height": round(float(np.mean([s[1] for s in sizes])), 1),
         "sources": len(source_photographs()),
     }
+
+
+def write_benchmark_shards(directory: Path, count: int = 2000, shard_size: int = 250, seed: int = 0) -> str:
+    """Write ``count`` benchmark JPEGs as unlabelled webdataset shards (with their info JSON) under
+    ``directory``; returns the shard pattern (``ShardDataModule``'s ``train``)."""
+    images = Path(directory) / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for i, data in enumerate(benchmark_jpegs(count, seed=seed)):
+        (images / f"{i:06d}.jpg").write_bytes(data)
+    info = write_shards(images, Path(directory) / "shards", "train", shard_size, progress=False, labels="none")
+    return str(Path(directory) / "shards" / f"train-{{000000..{len(info['shards']) - 1:06d}}}.tar")

@@ -168,20 +168,23 @@ class MultiCropTransform:
         ] + [local] * num_local
 
     def __call__(self, image: Any) -> List[Tensor]:
+        image = self._checked(image)
+        if self.torch_resize:
+            image = to_channels_last_uint8(image)  # one copy, shared by every view
+        return [view(image) for view in self.views]
+
+    def _checked(self, image: Any) -> Any:
+        """``image`` as an RGB PIL image or a ``uint8`` ``[3, H, W]`` tensor, or a clear error."""
         if isinstance(image, Image.Image):
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            if self.torch_resize:
-                image = to_channels_last_uint8(image)  # one copy, shared by every view
-        elif isinstance(image, Tensor):
+            return image if image.mode == "RGB" else image.convert("RGB")
+        if isinstance(image, Tensor):
             if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(
                     "MultiCropTransform takes PIL images or uint8 [3, H, W] tensors, got a "
                     f"{image.dtype} tensor of shape {tuple(image.shape)}"
                 )
-        else:
-            raise TypeError(f"MultiCropTransform takes PIL images or uint8 tensors, got {type(image).__name__}")
-        return [view(image) for view in self.views]
+            return image
+        raise TypeError(f"MultiCropTransform takes PIL images or uint8 tensors, got {type(image).__name__}")
 
     def crop_specs(self) -> List[Tuple[int, Tuple[float, float], Tuple[float, float]]]:
         """``(output side, area scale, aspect ratio)`` of the crops drawn from each image."""
