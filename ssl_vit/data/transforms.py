@@ -84,6 +84,16 @@ def _check_stats(mean: Sequence[float], std: Sequence[float]) -> Tuple[Tuple[flo
     return mean, std
 
 
+def crop_and_flip(x: Tensor, crop: v2.RandomResizedCrop, flip: v2.RandomHorizontalFlip) -> Tensor:
+    """``flip(crop(x))`` for a ``uint8`` ``[3, H, W]`` tensor, calling the two transforms' parameters and
+    kernel directly: the same random draws (``make_params``, then the flip's ``rand < p``) and pixels
+    as the v2 chain, without its per-call dispatch (a third of the time of a 12-crop image)."""
+    box = crop.make_params([x])
+    y = v2.functional.resized_crop(x, box["top"], box["left"], box["height"], box["width"], list(crop.size),
+                                   interpolation=crop.interpolation, antialias=True)
+    return y.flip(-1) if torch.rand(1) < flip.p else y
+
+
 class ToNormalisedTensor:
     """PIL image / ``uint8`` ``[C, H, W]`` tensor -> float32 ``[3, H, W]``, ``(x / 255 - mean) / std``.
 
@@ -115,7 +125,10 @@ class _SquareTransform:
     torch_resize: bool = False
 
     def __call__(self, image: Any) -> Tensor:
-        return self.transform(to_channels_last_uint8(image) if self.torch_resize else image)
+        if not self.torch_resize:
+            return self.transform(image)
+        crop, flip, normalise = self.transform.transforms  # PretrainTransform's chain, called directly
+        return normalise(crop_and_flip(to_channels_last_uint8(image), crop, flip))
 
     def output_sizes(self) -> List[Tuple[int, int]]:
         """``[(H, W)]`` of the one tensor this transform returns (read by the start-up checks)."""

@@ -168,3 +168,16 @@ def test_draft_decoding_keeps_the_output_distribution():
     full, drafted = stats(None), stats(t.decode_size)
     assert bad(full, drafted) == []
     assert 7 in bad(full, stats(lambda w, h: (w // 4, h // 4)))  # 64x48: the texture is gone (roughness)
+
+
+def test_pretrain_torch_resize_calls_its_chain_directly_with_the_same_draws():
+    """With ``torch_resize`` the crop, flip and normalisation are called without v2's dispatch: the
+    very output of the v2 chain on the channels-last tensor, under the same seed."""
+    pixels = photo(50, 70, seed=3)
+    t = PretrainTransform(size=24, torch_resize=True)
+    channels_last = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        got = t(Image.fromarray(pixels))
+        torch.manual_seed(seed)
+        assert torch.equal(got, t.transform(channels_last)), seed
