@@ -14,6 +14,7 @@ FLOPs are counted as the ViT paper counts them: 2 per multiply-add (``FlopCounte
 Precision: ``bf16-mixed`` on CUDA, ``32-true`` on CPU unless ``--precision`` says otherwise (CPUs
 without bf16 matrix units emulate it: one tiny MAE step took 111 s in bf16 on the 2-core machine).
 """
+import contextlib
 import gc
 import time
 from dataclasses import asdict, dataclass, replace
@@ -22,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssl_vit.data import PretrainTransform, ShardDataModule
@@ -213,16 +215,25 @@ def count_flops_per_image(cfg: BenchConfig) -> float:
     """GFLOP per image of one eager training step (forward + backward)."""
     counter = _FlopCounter()
     module = build_module(replace(cfg, compile=False))  # eager: the counter sees every operation
-    _trainer(cfg, 1, [counter]).fit(module, train_dataloaders=synthetic_loader(cfg, 1))
+    with _countable_attention(cfg.device):
+        _trainer(cfg, 1, [counter]).fit(module, train_dataloaders=synthetic_loader(cfg, 1))
     return counter.flops / cfg.batch_size / 1e9
+
+
+def _countable_attention(device: str) -> Any:
+    """On CPU, attention through SDPA's math backend: ``FlopCounterMode`` counts the fused CUDA
+    attention kernels but not the CPU one, whose matrix products (1.4 of ViT-B/16's 35.1 forward
+    GFLOPs) would go uncounted. CUDA keeps its fused kernels (the math one needs far more memory)."""
+    return sdpa_kernel(SDPBackend.MATH) if torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 
 def vit_forward_gflop(cfg: BenchConfig) -> float:
     """GFLOPs (2 per multiply-add) of the backbone's forward pass on one full-size image (the ViT
     paper's figure): the plain ViT of ``cfg.arch`` (and ``cfg.depth``) at the method's input size."""
     size = cfg.img_size if cfg.method == "mae" else cfg.global_size
-    vit = build_module(replace(cfg, compile=False, grad_checkpointing=False)).encoder.vit
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    module = build_module(replace(cfg, compile=False, grad_checkpointing=False))
+    vit = module.encoder.vit if cfg.method == "mae" else module.student.backbone  # the timm ViT of each
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         vit.forward_features(torch.zeros(1, 3, size, size))
     return counter.get_total_flops() / 1e9
 
