@@ -225,7 +225,7 @@ def table(lines: Sequence[Dict[str, Any]]) -> str:
     """docs/benchmarks.md's GPU table from the suite's lines (rows absent or not run: pending / skipped)."""
     by_id = {line["row"]: line for line in lines if "row" in line}
     head = ("| run | batch | reference img/s | ref. MFU | ref. memory | target | ssl_vit img/s | MFU | memory | "
-            "GFLOPs/img, train step (ViT fwd) | status |")
+            "GFLOPs/img, 2 per multiply-add: train step (ViT fwd) | status |")
     out = [head, "|" + "---|" * 11]
     for row in GPU_ROWS:
         line = by_id.get(row.id)
@@ -242,6 +242,12 @@ def table(lines: Sequence[Dict[str, Any]]) -> str:
             cells += [f"{line['img_per_s']:,.0f}{batch_note}", _cell(line.get("mfu"), "{:.1%}"), mem, flops,
                       f"measured on {line.get('device', '?')}"]
         out.append("| " + " | ".join(cells) + " |")
+    quality = by_id.get("quality")
+    if quality is not None:  # what the quality chain reached on the time left, beside its supervised baseline
+        out.append(f"\nCIFAR-10 quality chain on the {quality.get('left_s', '?')} s left: {quality['status']}"
+                   + (f" ({quality['reason']})" if quality.get("reason") else ""))
+        if quality.get("results_md"):
+            out.append("\n" + quality["results_md"].strip())
     return "\n".join(out)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from ssl_vit.apps.benchmark import BenchConfig, build_module, count_flops_per_image, vit_forward_gflop
 from ssl_vit.apps.benchmark_data import PIPELINES
+from ssl_vit.apps import benchmark_suite as suite
 from ssl_vit.apps.benchmark_suite import GPU_ROWS, PENDING, TABLE_END, TABLE_START
 
 pytestmark = pytest.mark.slow  # processes, CLI training or end-to-end chains: `make test` only
@@ -132,3 +133,27 @@ def test_data_benchmark_measures_every_pipeline_against_its_reference(tmp_path):
     assert ratios["dino-reference"] is None and ratios["decode"] is None and ratios["dino-crops"] > 0
     assert summary["machine"]["nproc"] >= 1 and summary["images"]["images"] == 40
     assert "| `dino-crops-fast` |" in result.stdout
+
+
+def test_quality_chain_gets_the_time_left_and_reports_it(tmp_path, monkeypatch):
+    """The chain runs `ssl-vit quality` with a quarter of what is left per pretraining, keeps its
+    results.md for the table, and is skipped (with the reason) when too little is left."""
+    calls = []
+
+    def fake_quality(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--output") + 1])
+        out.mkdir(parents=True)
+        (out / "results.md").write_text("| method | k-NN |\n|---|---|\n| supervised | 50% |\n")
+        return 0
+
+    monkeypatch.setattr(suite, "quality_command", fake_quality)
+    plan = suite.Plan(budget_s=600, quality_s=240, start=suite.time.perf_counter() - 360)  # 240 s left
+    line = suite.run_quality_chain(tmp_path / "data.tar.gz", tmp_path / "q", plan, tiny=False)
+    assert line["status"] == "ok" and "supervised" in line["results_md"]
+    minutes = float(calls[0][calls[0].index("--budget-minutes") + 1])
+    assert abs(minutes - 1.0) < 0.02  # 240 s left / 4
+    assert "supervised | 50%" in suite.table([{"row": "quality", **line}])
+    late = suite.Plan(budget_s=600, quality_s=240, start=suite.time.perf_counter() - 560)
+    skipped = suite.run_quality_chain(tmp_path / "data.tar.gz", tmp_path / "q2", late, tiny=False)
+    assert skipped["status"] == "skipped" and len(calls) == 1
