@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ssl_vit.data import PretrainTransform, ShardDataModule, write_shards
+from ssl_vit.data.gpu_augment import MultiCropCrops
 from ssl_vit.data.multicrop import MultiCropTransform
 
 MIB = 1024.0  # /proc reports kiB
@@ -90,10 +91,12 @@ def summary(values: List[float]) -> Dict[str, float]:
 
 
 def soak(shards: str, args: argparse.Namespace) -> Dict:
-    if args.transform == "multicrop":
-        transform = MultiCropTransform(global_size=args.size, local_size=args.size // 2, num_local=args.num_local)
+    if args.transform in ("multicrop", "crops"):
+        crops = MultiCropCrops if args.transform == "crops" else MultiCropTransform
+        transform = crops(global_size=args.size, local_size=args.size // 2, num_local=args.num_local,
+                          torch_resize=args.torch_resize, draft=args.draft)
     else:
-        transform = PretrainTransform(args.size)
+        transform = PretrainTransform(args.size, torch_resize=args.torch_resize, draft=args.draft)
     dm = ShardDataModule(shards, batch_size=args.batch_size, num_workers=args.workers, train_transform=transform,
                          pin_memory=False, seed=0)
     dm.setup("fit")
@@ -130,6 +133,7 @@ def soak(shards: str, args: argparse.Namespace) -> Dict:
         "batches_per_epoch": batches,
         "samples_per_epoch": batches * args.batch_size,
         "transform": args.transform,
+        "switches": {"torch_resize": args.torch_resize, "draft": args.draft},
         "seconds": round(time.perf_counter() - start, 1),
         "total_rss_mib": summary(series["total_rss"]),
         "total_pss_mib": summary(series["total_pss"]),
@@ -147,10 +151,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=None, help="stop after the epoch that passes this time")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers (default 4)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--transform", choices=["multicrop", "pretrain"], default="multicrop")
+    parser.add_argument("--transform", choices=["multicrop", "crops", "pretrain"], default="multicrop",
+                        help="MultiCropTransform, MultiCropCrops (crops only) or PretrainTransform")
     parser.add_argument("--size", type=int, default=32, help="output side (multicrop: global; local is half) (default 32)")
     parser.add_argument("--num-local", type=int, default=2, help="multicrop local crops (default 2)")
     parser.add_argument("--samples-per-epoch", type=int, default=4, help="memory samples per epoch (default 4)")
+    parser.add_argument("--torch-resize", action="store_true", help="the transform's torch_resize speed switch")
+    parser.add_argument("--draft", action="store_true", help="the transform's draft speed switch (JPEG DCT scaling)")
     args = parser.parse_args(argv)
     if not Path("/proc/self/status").exists():
         parser.error("reads memory from /proc: Linux only")

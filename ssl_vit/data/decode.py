@@ -10,7 +10,7 @@ import io
 import logging
 import warnings
 from collections import Counter
-from typing import Any, Dict, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -25,6 +25,10 @@ LABEL_KEY = "cls"
 PIL_FORMATS = ("JPEG", "PNG", "WEBP")  # the only decoders PIL may use on untrusted bytes
 FORMAT_KEYS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 MIN_CHECKED_SAMPLES = 100
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# (upright width, upright height) -> the size to let the JPEG decoder downscale to, or None (full size)
+DecodeSize = Callable[[int, int], Optional[Tuple[int, int]]]
 
 
 class CorruptSampleError(ValueError):
@@ -40,8 +44,15 @@ class ShardReadError(RuntimeError):
 
 
 # -- decoding -------------------------------------------------------------------------------------
-def open_image(data: bytes) -> Image.Image:
+def open_image(data: bytes, decode_size: Optional[DecodeSize] = None) -> Image.Image:
     """Decode image bytes fully with PIL's JPEG/PNG/WEBP decoders only (``image.format`` is kept).
+
+    Args:
+        data: the file's bytes.
+        decode_size: for JPEGs, called with the upright size (EXIF orientation applied); a size it
+            returns is passed to ``PIL.Image.draft``, which makes libjpeg downscale by 2, 4 or 8 in the
+            DCT domain to at least that size (a transform's ``decode_size`` method). Other formats
+            ignore it.
 
     Raises:
         CorruptSampleError: the bytes are not a complete image in one of those formats, or the
@@ -51,10 +62,21 @@ def open_image(data: bytes) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+            if decode_size is not None and image.format == "JPEG":
+                _draft(image, decode_size)
             image.load()
     except Exception as exc:  # PIL raises many types on hostile input; all mean "corrupt"
         raise CorruptSampleError(f"undecodable image ({type(exc).__name__}: {exc})") from exc
     return image
+
+
+def _draft(image: Image.Image, decode_size: DecodeSize) -> None:
+    """Ask the JPEG decoder for the size ``decode_size`` wants (before ``load``), mode unchanged."""
+    w, h = image.size
+    turned = image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSED_ORIENTATIONS
+    size = decode_size(h, w) if turned else decode_size(w, h)
+    if size is not None:
+        image.draft(None, (size[1], size[0]) if turned else size)
 
 
 # Modes whose convert("RGB") keeps the full range and the colours (alpha, if any, is dropped, as
@@ -109,12 +131,15 @@ def decode_label(data: bytes, num_classes: int = 0) -> int:
     return label
 
 
-def decode_sample(sample: Dict[str, Any], num_classes: int = 0) -> Tuple[Image.Image, int]:
-    """A raw webdataset sample (suffix -> bytes) -> (RGB PIL image, label); label -1 without ``.cls``."""
+def decode_sample(
+    sample: Dict[str, Any], num_classes: int = 0, decode_size: Optional[DecodeSize] = None
+) -> Tuple[Image.Image, int]:
+    """A raw webdataset sample (suffix -> bytes) -> (RGB PIL image, label); label -1 without ``.cls``.
+    ``decode_size``: see :func:`open_image` (the training transform's, when it has one)."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise CorruptSampleError(f"no image member ({'/'.join('.' + k for k in IMAGE_KEYS)})")
-    image = to_rgb(open_image(sample[key]))
+    image = to_rgb(open_image(sample[key], decode_size))
     label = decode_label(sample[LABEL_KEY], num_classes) if LABEL_KEY in sample else -1
     return image, label
 

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from ssl_vit.data.multicrop import MultiCropTransform, blur_kernel_size
+from ssl_vit.data.transforms import crop_and_flip, to_channels_last_uint8
 
 # The CPU path's constants (ssl_vit.data.multicrop; the tests check that both agree).
 JITTER_P = 0.8
@@ -93,6 +94,13 @@ class MultiCropCrops(MultiCropTransform):
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # MultiCropTransform's arguments
         super().__init__(*args, **kwargs)
         self.views = [_crop_and_flip(view) for view in self.views]
+
+    def __call__(self, image: Any) -> List[Tensor]:
+        if not self.torch_resize:
+            return super().__call__(image)
+        # torch_resize: the views' own crop and flip called directly on the one channels-last tensor
+        x = to_channels_last_uint8(self._checked(image))
+        return [crop_and_flip(x, view.transforms[0], view.transforms[1]) for view in self.views]
 
     def device_augment(self, seed: Optional[int] = None, compile: bool = False) -> "MultiCropGPUAugment":
         """The device half with this transform's ``mean``, ``std`` and ``blur_sigma``."""

@@ -233,7 +233,7 @@ class ShardStream(IterableDataset):
     def _decoded(self, raw: Iterator[Dict[str, Any]], counter: CorruptCounter) -> Iterator[Tuple[Any, int, str]]:
         for sample in raw:
             try:
-                image, label = decode_sample(sample, self.num_classes)
+                image, label = decode_sample(sample, self.num_classes, getattr(self.transform, "decode_size", None))
             except CorruptSampleError as exc:
                 counter.bad(sample.get("__url__", "?"), sample.get("__key__", "?"), str(exc))
                 continue

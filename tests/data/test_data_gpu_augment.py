@@ -361,3 +361,22 @@ def test_lightning_hooks_augment_uint8_crops_on_the_device(tmp_path):
     assert isinstance(model.augment, G.MultiCropGPUAugment)
     assert model.seen == [[torch.float32] * 4] * 2
     assert "augment.mean" not in model.state_dict()  # nothing new in checkpoints
+
+
+def test_torch_resize_crops_are_the_v2_chains_output_under_the_same_draws():
+    """``MultiCropCrops(torch_resize=True)`` calls its views' crop and flip directly: the same random
+    numbers and pixels as running each view's v2 chain on the channels-last tensor."""
+    crops = G.MultiCropCrops(32, 16, num_local=3, torch_resize=True)
+    pixels = np.random.default_rng(1).integers(0, 256, (45, 60, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    channels_last = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        got = crops(image)
+        torch.manual_seed(seed)
+        want = [view(channels_last) for view in crops.views]
+        assert all(type(g) is torch.Tensor and g.dtype == torch.uint8 for g in got)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), seed
+    assert crops(channels_last.contiguous())[0].shape == (3, 32, 32)  # tensors in, as before
+    with pytest.raises(ValueError, match="uint8"):
+        crops(torch.rand(3, 32, 32))

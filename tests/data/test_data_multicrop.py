@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from ssl_vit.data.multicrop import MultiCropTransform, blur_kernel_size
+from ssl_vit.data.multicrop import MultiCropTransform, SeparableGaussianBlur, blur_kernel_size, separable_blur
+from ssl_vit.data.transforms import min_crop_side
 
 
 def probability(view: v2.Compose, kind: type) -> float:
@@ -94,3 +95,78 @@ def test_bad_arguments_and_inputs_fail_clearly():
         MultiCropTransform(32, 16, 1)(torch.rand(3, 32, 32))
     with pytest.raises(TypeError, match="PIL"):
         MultiCropTransform(32, 16, 1)(np.zeros((32, 32, 3), dtype=np.uint8))
+
+
+# -- speed switches -------------------------------------------------------------------------------------------
+def photo(w: int = 120, h: int = 90, seed: int = 0) -> Image.Image:
+    """A smooth colour gradient with noise: blur, resampling and jitter all show on it."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack([200 * xx + 30, 180 * yy + 40, 120 * (1 - xx) * yy + 60], -1) + rng.normal(0, 20, (h, w, 3))
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size,sigma", [(224, 0.1), (224, 1.3), (224, 2.0), (96, 0.7), (16, 2.0)])
+def test_separable_blur_is_v2_gaussian_blur_up_to_rounding(size, sigma):
+    x = torch.from_numpy(np.array(photo(size, size, seed=size))).permute(2, 0, 1).contiguous()
+    k = blur_kernel_size(size)
+    want = v2.functional.gaussian_blur(x, [k, k], [sigma, sigma])
+    got = separable_blur(x, k, sigma)
+    diff = (got.int() - want.int()).abs()
+    assert got.dtype == torch.uint8 and got.shape == x.shape
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3  # float summation order only
+
+
+def test_separable_blur_transform_draws_sigma_as_v2_and_keeps_the_input_type():
+    pil = photo(40, 40)
+    ours, theirs = SeparableGaussianBlur(11, sigma=(0.1, 2.0)), v2.GaussianBlur(11, sigma=(0.1, 2.0))
+    torch.manual_seed(5)
+    a = ours(pil)
+    torch.manual_seed(5)
+    b = theirs(pil)
+    assert isinstance(a, Image.Image) and a.size == pil.size
+    assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+    tensor = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
+    assert type(ours(tensor)) is torch.Tensor and ours(tensor).dtype == torch.uint8
+    t = MultiCropTransform(32, 16, num_local=2)
+    assert all(isinstance(find(view, v2.GaussianBlur), SeparableGaussianBlur) for view in t.views)
+    old = MultiCropTransform(32, 16, num_local=2, separable_blur=False)
+    assert not any(isinstance(find(view, v2.GaussianBlur), SeparableGaussianBlur) for view in old.views)
+
+
+def test_torch_resize_gives_the_pil_paths_views_up_to_rounding():
+    """Same seed, same draws (the crop parameters depend only on the size): each view of the
+    ``torch_resize`` path is the PIL path's view up to the two resampling kernels' rounding."""
+    image = photo(120, 90)
+    pil, fast = MultiCropTransform(32, 16, num_local=3), MultiCropTransform(32, 16, num_local=3, torch_resize=True)
+    std = torch.tensor(fast.std).view(3, 1, 1)
+    diffs = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        a = pil(image)
+        torch.manual_seed(seed)
+        b = fast(image)
+        assert [tuple(v.shape) for v in a] == [tuple(v.shape) for v in b] and all(v.dtype == torch.float32 for v in b)
+        diffs += [((x - y) * std * 255).abs().flatten() for x, y in zip(a, b)]  # in uint8 levels
+    d = torch.cat(diffs)
+    assert d.mean() < 0.5 and torch.quantile(d, 0.99) <= 3.0, (d.mean(), torch.quantile(d, 0.99))
+
+
+def test_draft_is_asked_only_when_every_crop_keeps_its_resolution():
+    t = MultiCropTransform(num_local=10, draft=True)
+    assert t.decode_size(500, 375) is None and t.decode_size(375, 500) is None  # ImageNet-sized: never safe
+    assert MultiCropTransform(num_local=10).decode_size(4000, 3000) is None  # the switch is off by default
+    for w, h in ((2000, 1500), (4000, 3000), (1200, 1600)):
+        size = t.decode_size(w, h)
+        assert size is not None
+        factor = w // size[0]
+        assert factor in (2, 4, 8) and h // size[1] == factor
+        drafted = (-(-w // factor), -(-h // factor))  # what libjpeg decodes: ceil(W / factor)
+        for view in t.views:  # brute force: every crop drawn from the drafted image covers its output
+            crop = find(view, v2.RandomResizedCrop)
+            for _ in range(300):
+                p = crop.make_params([Image.new("RGB", drafted)])
+                assert min(p["height"], p["width"]) >= crop.size[0], (w, h, factor, p)
+        if factor < 8:  # and the next factor would not have been safe
+            assert min_crop_side(w / (2 * factor), h / (2 * factor), t.local_scale) < t.local_size or \
+                min_crop_side(w / (2 * factor), h / (2 * factor), t.global_scale) < t.global_size

@@ -1,4 +1,6 @@
 """PretrainTransform / EvalTransform against plain PIL + numpy computations."""
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +8,8 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ssl_vit.data import EvalTransform, PretrainTransform
+from ssl_vit.data.decode import decode_sample, open_image, to_rgb
+from ssl_vit.data.gpu_augment import MultiCropCrops
 
 
 def normalise(pixels: np.ndarray, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
@@ -73,3 +77,107 @@ def test_bad_arguments():
         EvalTransform(crop_pct=0)
     with pytest.raises(ValueError, match="resize"):
         EvalTransform(size=32, resize=16)
+
+
+# -- speed switches: torch_resize and JPEG draft decoding ---------------------------------------------------
+def jpeg(pixels: np.ndarray, exif_orientation: int = 1) -> bytes:
+    image, out = Image.fromarray(pixels), io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = exif_orientation
+    image.save(out, "JPEG", quality=90, exif=exif.tobytes())
+    return out.getvalue()
+
+
+def photo(h: int, w: int, seed: int) -> np.ndarray:
+    """A random smooth colour field, a texture of period 7-10 pixels at a random angle and noise: content
+    whose statistics show wrong resampling (the texture survives every safe downscale of the crops
+    drawn below and vanishes when the decoder downscales too far)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    freq = rng.uniform(2, 12, 3) / max(h, w)
+    base = np.stack([128 + 70 * np.sin(freq[c] * xx + rng.uniform(0, 6) + freq[2 - c] * yy) for c in range(3)], -1)
+    angle, period = rng.uniform(0, np.pi), rng.uniform(7, 10)
+    texture = 45 * np.sin(2 * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / period)
+    return np.clip(base + texture[..., None] + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def test_pretrain_torch_resize_is_the_pil_path_up_to_rounding():
+    image = Image.fromarray(photo(90, 120, seed=0))
+    pil, fast = PretrainTransform(size=32), PretrainTransform(size=32, torch_resize=True)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        a = pil(image)
+        torch.manual_seed(seed)
+        b = fast(image)
+        levels = ((a - b) * std * 255).abs()
+        assert b.shape == (3, 32, 32) and b.dtype == torch.float32 and type(b) is torch.Tensor
+        assert levels.mean() < 0.3 and levels.max() <= 12, (seed, levels.mean(), levels.max())
+    assert PretrainTransform(size=224, draft=True).decode_size(500, 375) is None
+    assert PretrainTransform(size=224, draft=True).decode_size(2000, 1500) == (1000, 750)
+    assert PretrainTransform(size=224).decode_size(2000, 1500) is None  # off by default
+
+
+def test_open_image_drafts_jpegs_by_their_upright_size():
+    seen = []
+
+    def hook(w, h):
+        seen.append((w, h))
+        return w // 2, h // 2
+
+    data = jpeg(photo(300, 400, seed=1), exif_orientation=6)  # stored 400x300, upright 300x400
+    image = open_image(data, hook)
+    assert seen == [(300, 400)] and image.size == (200, 150)  # stored orientation, halved
+    assert to_rgb(image).size == (150, 200)
+    assert open_image(data).size == (400, 300)  # no hook: full size
+    png = io.BytesIO()
+    Image.fromarray(photo(40, 40, seed=2)).save(png, "PNG")
+    assert open_image(png.getvalue(), hook).size == (40, 40) and len(seen) == 1  # only JPEGs are drafted
+    sample = {"jpg": data, "cls": b"3"}
+    image, label = decode_sample(sample, 10, hook)
+    assert image.size == (150, 200) and label == 3
+
+
+def view_stats(views: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, s, s]`` uint8 crops -> ``[N, 8]``: channel means and stds, colourfulness and roughness
+    (mean |horizontal neighbour difference|, which resampling changes), in [0, 1] units."""
+    x = views.float() / 255
+    colour = (x.amax(1) - x.amin(1)).mean((1, 2))
+    rough = (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))
+    return torch.cat([x.mean((2, 3)), x.std((2, 3)), colour[:, None], rough[:, None]], 1)
+
+
+def test_draft_decoding_keeps_the_output_distribution():
+    """The crops (what drafting touches; the colour operations follow unchanged), paired by image
+    (200 photographs), independent draws: every statistic of every view agrees within 4.5 standard
+    errors plus one uint8 level between full and drafted decoding; and the comparison has the power
+    to see a real loss of resolution (forcing a 4x draft, which is unsafe here)."""
+    t = MultiCropCrops(32, 16, num_local=2, draft=True)
+    assert t.decode_size(256, 192) == (128, 96)
+    data = [jpeg(photo(192, 256, seed=s)) for s in range(200)]
+    torch.manual_seed(0)
+
+    def stats(decode_size):
+        views = [t(to_rgb(open_image(d, decode_size))) for d in data]
+        return [view_stats(torch.stack(v)) for v in zip(*views)]
+
+    def bad(a, b):
+        d = torch.cat([x - y for x, y in zip(a, b)])
+        return (d.mean(0).abs() > 4.5 * d.std(0) / len(d) ** 0.5 + 1 / 255).nonzero().flatten().tolist()
+
+    full, drafted = stats(None), stats(t.decode_size)
+    assert bad(full, drafted) == []
+    assert 7 in bad(full, stats(lambda w, h: (w // 4, h // 4)))  # 64x48: the texture is gone (roughness)
+
+
+def test_pretrain_torch_resize_calls_its_chain_directly_with_the_same_draws():
+    """With ``torch_resize`` the crop, flip and normalisation are called without v2's dispatch: the
+    very output of the v2 chain on the channels-last tensor, under the same seed."""
+    pixels = photo(50, 70, seed=3)
+    t = PretrainTransform(size=24, torch_resize=True)
+    channels_last = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        got = t(Image.fromarray(pixels))
+        torch.manual_seed(seed)
+        assert torch.equal(got, t.transform(channels_last)), seed
