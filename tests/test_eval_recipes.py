@@ -83,7 +83,7 @@ def tiny_run(tmp_path_factory):
 
 @pytest.mark.parametrize("recipe", [p for p in RECIPES if p.stem.endswith(("cifar10", "cifar10_cached"))], ids=lambda p: p.stem)
 def test_cifar10_recipes_run_through_the_cli(recipe, tiny_run, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the recipes' relative run directories land here
+    monkeypatch.chdir(tmp_path)
     data = "--data.data" if recipe.stem.endswith("_cached") else "--data"
     shards = tiny_run / "shards"
     command = "validate" if recipe.stem.startswith("knn") else "fit"
@@ -95,7 +95,7 @@ def test_cifar10_recipes_run_through_the_cli(recipe, tiny_run, tmp_path, monkeyp
         "--trainer.logger", "false", "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path),
     ])
     if command == "fit":  # the run's last.ckpt carries the backbone metadata: load_backbone reads it
-        (last,) = (tmp_path / "runs").rglob("last.ckpt")
+        (last,) = tmp_path.rglob("last.ckpt")
         backbone = load_backbone(last)
         teacher = load_backbone(tiny_run / "dino.ckpt")
         same = [torch.equal(v, teacher.state_dict()[k]) for k, v in backbone.state_dict().items() if k in teacher.state_dict()]
