@@ -221,9 +221,10 @@ class NonFiniteGuard(pl.Callback):
     def weights_bad(self) -> Tensor:
         """bool ``[]`` on the device: some watched weight holds a NaN or inf, on any process. One
         foreach max-abs reduction (an inf-norm cannot overflow, and NaN propagates through it)."""
-        if not self.watched:
-            return torch.zeros((), dtype=torch.bool, device=self.bad.device)
-        peak = torch.nn.utils.get_total_norm(self.watched, norm_type=float("inf"))
+        watched = [t for t in self.watched if t.numel()]  # FSDP leaves some ranks empty shards
+        if not watched:
+            return self._reduce(torch.zeros((), device=self.bad.device)) > 0
+        peak = torch.nn.utils.get_total_norm(watched, norm_type=float("inf"))
         return self._reduce((~torch.isfinite(peak)).float().to(self.bad.device)) > 0
 
     def read(self) -> Tuple[int, int, bool]:
