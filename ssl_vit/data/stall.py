@@ -29,6 +29,7 @@ import select
 import stat
 import subprocess
 import time
+import weakref
 from typing import Any, BinaryIO, Optional, Tuple
 
 from torch.utils.data import DataLoader
@@ -173,16 +174,20 @@ class WatchedLoader(DataLoader):
 def _bound_the_wait(iterator: Any, timeout: float) -> None:
     """Make a multi-process loader iterator give up on a batch after ``timeout`` seconds of waiting
     (torch private API: ``_get_data`` waits for one batch, ``_try_get_data`` polls once)."""
-    get_data, try_get_data = iterator._get_data, iterator._try_get_data
+    # The class's functions and a weak reference: bound methods stored on the instance would make a
+    # reference cycle, the iterator would outlive its loop until a garbage collection, its workers
+    # would not be shut down, and the interpreter's exit would wait for them for ever.
+    get_data, try_get_data = type(iterator)._get_data, type(iterator)._try_get_data
+    owner = weakref.ref(iterator)
     started = [0.0]
 
     def _get_data() -> Any:
         started[0] = time.monotonic()
-        return get_data()
+        return get_data(owner())
 
     def _try_get_data(poll: float = MP_STATUS_CHECK_INTERVAL) -> Tuple[bool, Any]:
         waited = time.monotonic() - started[0]
-        ok, data = try_get_data(max(0.01, min(poll, timeout - waited)))
+        ok, data = try_get_data(owner(), max(0.01, min(poll, timeout - waited)))
         if not ok and time.monotonic() - started[0] >= timeout:
             raise RuntimeError(f"DataLoader timed out after {timeout:g} seconds")
         return ok, data

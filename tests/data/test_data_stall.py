@@ -2,10 +2,12 @@
 stops producing bytes, and a DataLoader worker that is stopped (SIGSTOP), each stop the run with an
 error naming the shard or the worker, after the configured timeout. Each stalled thing here ends by
 itself after ``STALL_S`` seconds, so a test of code without the timeouts ends too (and fails)."""
+import gc
 import os
 import signal
 import tarfile
 import time
+import weakref
 from pathlib import Path
 from typing import List
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from ssl_vit.data import EvalTransform, ImageFolderDataModule, ShardDataModule, write_shards
-from ssl_vit.data.stall import ShardStallError, WorkerStallError
+from ssl_vit.data.stall import ShardStallError, WatchedLoader, WorkerStallError
 
 STALL_S = 30  # how long a stalled command / worker stays stalled when nothing ends it
 TIMEOUT_S = 1.0
@@ -107,3 +109,18 @@ def test_timeouts_must_be_seconds(option, shards):
         with pytest.raises(ValueError, match=rf"{option} must be a number of seconds >= 0"):
             ShardDataModule(str(shards / "train-000000.tar"), **{option: bad})
     assert getattr(ShardDataModule(str(shards / "train-000000.tar"), **{option: None}), option) == 0  # off
+
+
+def test_a_watched_iterator_is_freed_with_its_loop(tmp_path):
+    """The worker-timeout wrapper holds its iterator weakly: a cycle kept the iterator (and its
+    workers) alive after the loop, and the interpreter's exit then waited for the workers for ever."""
+    gc.disable()
+    try:
+        loader = WatchedLoader(list(range(8)), batch_size=4, num_workers=1, worker_timeout=30)
+        iterator = iter(loader)
+        assert next(iterator).tolist() == [0, 1, 2, 3]
+        ref = weakref.ref(iterator)
+        del iterator
+        assert ref() is None  # freed by reference counting, workers shut down now
+    finally:
+        gc.enable()

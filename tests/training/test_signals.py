@@ -47,14 +47,15 @@ def fit_in_own_session(args: List[str]) -> subprocess.CompletedProcess:
     return run_in_own_session([sys.executable, "-m", "ssl_vit", "fit", *args], clean_env(OMP_NUM_THREADS="1"), TIMEOUT)
 
 
-def run_args(shards: Shards, tmp: Path, name: str, preemption: bool) -> List[str]:
+def run_args(shards: Shards, tmp: Path, name: str, preemption: bool, checkpoint: bool = True) -> List[str]:
     args = [
         "--config", SMOKE, "--data.train", shards.pattern, "--data.num_workers", "2",
         "--trainer.max_steps", str(TOTAL), "--trainer.max_epochs", "-1", "--trainer.default_root_dir", str(tmp),
-        callback("ssl_vit.training.Checkpoint", dirpath=str(tmp / "ckpt"), every_n_train_steps=100),
         callback("dist_callbacks.SignalAtStep", step=SIGNAL_AT, signal=name, group=True,
                  when="after_optimizer_step", rest_of_step=REST_OF_STEP),
     ]
+    if checkpoint:
+        args.append(callback("ssl_vit.training.Checkpoint", dirpath=str(tmp / "ckpt"), every_n_train_steps=100))
     if preemption:
         args.append(callback("ssl_vit.training.Preemption", signals=[name], check_every=1))
     return args
@@ -75,11 +76,22 @@ def test_preemption_signal_to_the_process_group_saves_and_ends_the_run_cleanly(n
 
 
 @pytest.mark.slow
-def test_ctrl_c_without_preemption_ends_through_lightnings_shutdown_without_worker_tracebacks(shards, tmp_path):
-    """Ctrl-C with no Preemption callback: Lightning's graceful shutdown (exit status 1), and the
-    workers, which used to die of the signal each with its own KeyboardInterrupt traceback, stay
-    quiet until the main process shuts them down."""
+def test_ctrl_c_in_a_run_that_keeps_checkpoints_saves_without_configuring_preemption(shards, tmp_path):
+    """A run with a resume Checkpoint and no Preemption: the CLI answers Ctrl-C by saving last.ckpt
+    at the step boundary (exit status 0), the workers quiet."""
     result = fit_in_own_session(run_args(shards, tmp_path, "SIGINT", preemption=False))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "killed by signal" not in output and "Traceback" not in output, output[-4000:]
+    assert safe_torch_load(tmp_path / "ckpt" / "last.ckpt")["global_step"] == STOP
+
+
+@pytest.mark.slow
+def test_ctrl_c_without_checkpoints_ends_through_lightnings_shutdown_without_worker_tracebacks(shards, tmp_path):
+    """Ctrl-C in a run that keeps no checkpoint (so no Preemption either): Lightning's graceful
+    shutdown (exit status 1), and the workers, which used to die of the signal each with its own
+    KeyboardInterrupt traceback, stay quiet until the main process shuts them down."""
+    result = fit_in_own_session(run_args(shards, tmp_path, "SIGINT", preemption=False, checkpoint=False))
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-4000:]
     assert "Detected KeyboardInterrupt, attempting graceful shutdown" in output
