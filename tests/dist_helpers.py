@@ -66,11 +66,17 @@ def clean_env(**extra: str) -> Dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_in_own_session(command: List[str], env: Dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """Run ``command`` from the repository root in a session (and process group) of its own, as a
-    batch step or a terminal job runs; on a timeout (a hung run) every process it started is killed."""
+    batch step or a terminal job runs; on a timeout (a hung run) every process it started is killed.
+    SIGINT starts at its default disposition, as in a terminal: a test suite started in the background
+    (``make test &``) inherits it ignored, and Python then never turns Ctrl-C into KeyboardInterrupt."""
     with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
+                          start_new_session=True, preexec_fn=_default_sigint) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
