@@ -223,7 +223,7 @@ def run_demo(
 
             test_images = sorted(p for p in test_dir.rglob("*.png"))[::36][:10]
             if method == "mae":
-                grids = visualize_mae(ckpt, test_images, run_dir / "reconstructions", seed=seed)
+                grids = visualize_mae(ckpt, test_images, run_dir / "reconstructions", seed=seed, progress=False)
                 paths["mae_reconstructions"] = str(grids[0])
                 paths["mae_reconstruction_pages"] = [str(g) for g in grids]
             else:

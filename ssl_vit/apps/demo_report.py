@@ -48,8 +48,12 @@ def verdict(summary: Dict[str, Any]) -> str:
     best = max((rows[f"{m.upper()} pretrained"] for m in summary["methods"]), key=lambda r: r["few_label"]["mean"])
     gap = 100 * (best["few_label"]["mean"] - pixels["few_label"]["mean"])
     n = summary["few_label"]["per_class"]
-    if gap > 0:
+    if round(gap, 1) > 0:
         few = f"with {n} labels per digit the best pretrained features beat raw pixels by {gap:.1f} points"
+    elif round(gap, 1) == 0:
+        few = (f"with {n} labels per digit the best pretrained features match raw pixels: on these clean 8x8 "
+               "digits, minutes of pretraining give features a linear classifier separates as well as pixels, "
+               "not better")
     else:
         few = (f"with {n} labels per digit raw pixels still win by {-gap:.1f} points: on these clean "
                "8x8 digits, minutes of pretraining do not yet give features a linear classifier "

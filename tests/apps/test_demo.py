@@ -88,6 +88,7 @@ def test_table_and_verdict_say_which_way_the_numbers_went():
     assert "93.0%" in table and "80.0% ± 1.0" in table and "evaluate 2 s" in table and "note: x" in table
     assert "raw pixels still win by 5.0 points" in table and "MAE 50.0% -> 93.0%" in table
     assert "beat raw pixels by 10.0 points" in format_table(_summary(pixels_probe=0.70))
+    assert "match raw pixels" in format_table(_summary(pixels_probe=0.80))  # a tie is not "win by 0.0"
 
 
 def test_few_label_probe_uses_per_class_labels_and_draws():
