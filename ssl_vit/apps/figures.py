@@ -56,8 +56,8 @@ def cifar_folder(data: Path, work: Path) -> Path:
         raise FileNotFoundError(f"--data {data}: no such file or folder")
     target = work / "cifar10"
     if not (target / "train").is_dir():
-        with tarfile.open(data) as archive:
-            archive.extractall(work, filter="data")
+        with tarfile.open(data) as archive:  # the "data" filter refuses links and paths out of `work`
+            archive.extractall(work, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     if not (target / "train").is_dir():
         raise ValueError(f"--data {data} holds no cifar10/train folder")
     return target
