@@ -18,6 +18,7 @@ from typing import List, Optional
 
 import torch
 
+from ssl_vit.apps.attention import add_model_and_image_args
 from ssl_vit.checkpoints.load import read_backbone
 from ssl_vit.models.backbone import patch_size
 from ssl_vit.viz.attention_distance import load_images, measure_attention_distance, plot_attention_distance
@@ -30,12 +31,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     analyses = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     distance = analyses.add_parser("attention-distance", help="mean attention distance and entropy per head and layer",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    distance.add_argument("--weights", required=True, help="any checkpoint ssl_vit.load_backbone reads")
-    distance.add_argument("--arch", default=None, help="backbone name, for files without ssl_vit metadata")
-    distance.add_argument("--images", nargs="+", required=True, help="image files, folders, shard patterns (*.tar)")
-    distance.add_argument("--output", required=True, help="output folder")
-    distance.add_argument("--image-size", type=int, default=None,
-                          help="shorter side after resizing (default: the model's own resolution)")
+    add_model_and_image_args(distance)
     distance.add_argument("--max-images", type=int, default=256, help="use the first N images (default 256)")
     distance.add_argument("--batch-size", type=int, default=32)
     distance.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -18,15 +18,21 @@ from ssl_vit.viz.gallery import export_attention
 from ssl_vit.viz.images import MAX_TOKENS
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ssl-vit attention", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_and_image_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments every command that runs a backbone over images takes (``attention``, ``analyze``):
+    ``--weights``, ``--arch``, ``--images``, ``--output``, ``--image-size``."""
     parser.add_argument("--weights", required=True, help="any checkpoint ssl_vit.load_backbone reads")
     parser.add_argument("--arch", default=None, help="backbone name, for files without ssl_vit metadata")
     parser.add_argument("--images", nargs="+", required=True, help="image files, folders, shard patterns (*.tar)")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--image-size", type=int, default=None,
                         help="shorter side after resizing (default: the model's own resolution)")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ssl-vit attention", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_and_image_args(parser)
     parser.add_argument("--baseline", choices=["random"], default=None,
                         help="random: add the same architecture with random weights beside each row, on the same scale")
     parser.add_argument("--threshold", type=float, default=0.6, help="fraction of attention mass the masks keep")
