@@ -5,15 +5,25 @@ Only the members a sample needs are read out of a tar (``.jpg``/``.jpeg``/``.png
 :func:`wanted_member`); images are decoded by PIL restricted to the JPEG, PNG and WEBP decoders, and
 no pickle-based decoder ever runs. :func:`to_rgb` turns every decoded image into the 8-bit RGB the
 transforms take, in one way for training, the shard writer and the attention tools.
+
+Training samples are decoded by :func:`decode_image`, with what the training transform asks for
+(:func:`decode_hooks`: its ``decode_size`` and ``jpeg_decoder``). With ``jpeg_decoder="torchvision"``
+(off by default) PIL still opens the header (allow-list, decompression-bomb limit, mode), and only the
+pixels of a JPEG are decoded by ``torchvision.io.decode_jpeg`` (libjpeg-turbo, as PIL's decoder), into
+the upright ``uint8`` ``[3, H, W]`` tensor, channels-last, that a ``torch_resize`` transform crops
+without PIL's copies; the pixels are PIL's (tests/data/test_data_jpeg_decoder.py).
 """
+import contextlib
 import io
 import logging
 import warnings
 from collections import Counter
-from typing import Any, Callable, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Set, Tuple, Union
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
 from webdataset.tariterators import base_plus_ext
 
 logger = logging.getLogger("ssl_vit.data.pipeline")
@@ -29,6 +39,9 @@ EXIF_ORIENTATION = 0x0112
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 # (upright width, upright height) -> the size to let the JPEG decoder downscale to, or None (full size)
 DecodeSize = Callable[[int, int], Optional[Tuple[int, int]]]
+JPEG_DECODERS = ("pil", "torchvision")  # a transform's ``jpeg_decoder``: who decodes a JPEG's pixels
+# PIL's JPEG modes; torchvision's RGB output equals PIL's convert("RGB") for each (the tests compare them)
+TORCHVISION_JPEG_MODES = ("L", "RGB", "CMYK")
 
 
 class CorruptSampleError(ValueError):
@@ -44,6 +57,34 @@ class ShardReadError(RuntimeError):
 
 
 # -- decoding -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _corrupt_on_error() -> Iterator[None]:
+    """Any exception inside (PIL raises many types on hostile input; the decompression-bomb warning is
+    made one) becomes a :class:`CorruptSampleError` naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except Exception as exc:
+        raise CorruptSampleError(f"undecodable image ({type(exc).__name__}: {exc})") from exc
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """PIL's lazy open: the header only (format allow-list, decompression-bomb limit, mode, EXIF)."""
+    with _corrupt_on_error():
+        return Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+
+
+def _load(image: Image.Image, decode_size: Optional[DecodeSize]) -> Image.Image:
+    """The pixels of a lazily opened ``image``, at the draft size ``decode_size`` asks for (JPEGs)."""
+    with _corrupt_on_error():
+        size = _draft_size(image, decode_size)
+        if size is not None:
+            image.draft(None, size)
+        image.load()
+    return image
+
+
 def open_image(data: bytes, decode_size: Optional[DecodeSize] = None) -> Image.Image:
     """Decode image bytes fully with PIL's JPEG/PNG/WEBP decoders only (``image.format`` is kept).
 
@@ -58,25 +99,62 @@ def open_image(data: bytes, decode_size: Optional[DecodeSize] = None) -> Image.I
         CorruptSampleError: the bytes are not a complete image in one of those formats, or the
             image is larger than PIL's decompression-bomb limit.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
-            if decode_size is not None and image.format == "JPEG":
-                _draft(image, decode_size)
-            image.load()
-    except Exception as exc:  # PIL raises many types on hostile input; all mean "corrupt"
-        raise CorruptSampleError(f"undecodable image ({type(exc).__name__}: {exc})") from exc
-    return image
+    return _load(_open_header(data), decode_size)
 
 
-def _draft(image: Image.Image, decode_size: DecodeSize) -> None:
-    """Ask the JPEG decoder for the size ``decode_size`` wants (before ``load``), mode unchanged."""
+def _draft_size(image: Image.Image, decode_size: Optional[DecodeSize]) -> Optional[Tuple[int, int]]:
+    """The size (stored orientation) to ask the JPEG decoder of a lazily opened ``image`` for, or None."""
+    if decode_size is None or image.format != "JPEG":
+        return None
     w, h = image.size
     turned = image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSED_ORIENTATIONS
     size = decode_size(h, w) if turned else decode_size(w, h)
-    if size is not None:
-        image.draft(None, (size[1], size[0]) if turned else size)
+    return None if size is None else (size[1], size[0]) if turned else size
+
+
+def decode_image(
+    data: bytes, decode_size: Optional[DecodeSize] = None, jpeg_decoder: str = "pil"
+) -> Union[Image.Image, torch.Tensor]:
+    """The training decode: image bytes -> upright 8-bit RGB, as a PIL image, or as a ``uint8`` ``[3, H, W]``
+    tensor (channels-last strides) for a JPEG when ``jpeg_decoder`` is ``"torchvision"``.
+
+    PIL opens the header either way (:func:`open_image`'s checks). torchvision decodes a JPEG's pixels
+    (``decode_jpeg``, RGB, EXIF orientation applied) when its mode is one of
+    :data:`TORCHVISION_JPEG_MODES` and ``decode_size`` asks for no draft (libjpeg's DCT downscale is
+    PIL's). Everything else, and a JPEG torchvision cannot decode, goes PIL's way
+    (:func:`open_image`, :func:`to_rgb`), whose verdict on corrupt bytes is the pipeline's.
+
+    Args:
+        data: the file's bytes.
+        decode_size: see :func:`open_image`.
+        jpeg_decoder: ``"pil"`` or ``"torchvision"`` (:data:`JPEG_DECODERS`).
+
+    Raises:
+        CorruptSampleError: as :func:`open_image` and :func:`to_rgb`.
+        ValueError: an unknown ``jpeg_decoder``.
+    """
+    if jpeg_decoder not in JPEG_DECODERS:
+        raise ValueError(f"jpeg_decoder must be one of {', '.join(map(repr, JPEG_DECODERS))}, got {jpeg_decoder!r}")
+    image = _open_header(data)
+    if jpeg_decoder == "torchvision" and image.format == "JPEG" and image.mode in TORCHVISION_JPEG_MODES:
+        with _corrupt_on_error():
+            drafted = _draft_size(image, decode_size) is not None
+        if not drafted:
+            try:
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                   apply_exif_orientation=True)  # [3, H, W], strides (1, 3W, 3)
+            except RuntimeError:
+                pass  # PIL decides: it raises CorruptSampleError for what torchvision could not decode
+    return to_rgb(_load(image, decode_size))
+
+
+def decode_hooks(transform: Any) -> Dict[str, Any]:
+    """:func:`decode_image`'s arguments that a training transform sets (``decode_size``: its draft hook;
+    ``jpeg_decoder``), the defaults for a transform without them (evaluation transforms, None)."""
+    return {
+        "decode_size": getattr(transform, "decode_size", None),
+        "jpeg_decoder": getattr(transform, "jpeg_decoder", "pil"),
+    }
 
 
 # Modes whose convert("RGB") keeps the full range and the colours (alpha, if any, is dropped, as
@@ -132,14 +210,14 @@ def decode_label(data: bytes, num_classes: int = 0) -> int:
 
 
 def decode_sample(
-    sample: Dict[str, Any], num_classes: int = 0, decode_size: Optional[DecodeSize] = None
-) -> Tuple[Image.Image, int]:
-    """A raw webdataset sample (suffix -> bytes) -> (RGB PIL image, label); label -1 without ``.cls``.
-    ``decode_size``: see :func:`open_image` (the training transform's, when it has one)."""
+    sample: Dict[str, Any], num_classes: int = 0, decode_size: Optional[DecodeSize] = None, jpeg_decoder: str = "pil"
+) -> Tuple[Union[Image.Image, torch.Tensor], int]:
+    """A raw webdataset sample (suffix -> bytes) -> (RGB image, label); label -1 without ``.cls``.
+    ``decode_size``, ``jpeg_decoder``: see :func:`decode_image` (the training transform's: :func:`decode_hooks`)."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise CorruptSampleError(f"no image member ({'/'.join('.' + k for k in IMAGE_KEYS)})")
-    image = to_rgb(open_image(sample[key], decode_size))
+    image = decode_image(sample[key], decode_size, jpeg_decoder)
     label = decode_label(sample[LABEL_KEY], num_classes) if LABEL_KEY in sample else -1
     return image, label
 

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 from ssl_vit.data.datamodule import _BaseDataModule
-from ssl_vit.data.decode import MIN_CHECKED_SAMPLES, CorruptCounter, CorruptSampleError, open_image, to_rgb
+from ssl_vit.data.decode import MIN_CHECKED_SAMPLES, CorruptCounter, CorruptSampleError, decode_hooks, decode_image
 from ssl_vit.data.listing import list_images
 from ssl_vit.data.resume import ResumableSampler, call_seeded, sample_seed
 from ssl_vit.data.stall import DEFAULT_WORKER_TIMEOUT_S, WatchedLoader
@@ -16,7 +16,8 @@ from ssl_vit.data.stall import DEFAULT_WORKER_TIMEOUT_S, WatchedLoader
 class _ImageFiles(Dataset):
     """``(transform(image), label)`` of an ImageFolder listing; an unreadable file is logged, counted
     and replaced by the next readable one (so batches keep their size). With ``seed`` set (training),
-    the transform of index ``i`` runs seeded by ``(seed, epoch, i)``."""
+    the transform of index ``i`` runs seeded by ``(seed, epoch, i)``. Files are decoded as the transform
+    asks (its draft and JPEG decoder: :func:`ssl_vit.data.decode.decode_hooks`), as in the shards."""
 
     def __init__(self, root: str, max_corrupt_fraction: float, transform: Optional[Callable] = None) -> None:
         self.root, self.transform = root, transform
@@ -46,7 +47,7 @@ class _ImageFiles(Dataset):
             path, label = self.items[(index + step) % len(self.items)]
             try:
                 with open(path, "rb") as f:
-                    image = to_rgb(open_image(f.read()))
+                    image = decode_image(f.read(), **decode_hooks(self.transform))
             except (OSError, CorruptSampleError) as exc:
                 self.counter.bad(path, path, str(exc))
                 continue

@@ -25,7 +25,8 @@ augmentation a view has, with which probability, can be read off the object.
 Speed switches (off by default, see :mod:`ssl_vit.data.transforms` and docs/benchmarks.md):
 ``torch_resize`` crops on a channels-last ``uint8`` tensor with torch's resampling, then hands PIL
 the crop for the colour operations; ``draft`` lets the JPEG decoder downscale where every crop
-stays at full resolution (:meth:`MultiCropTransform.decode_size`).
+stays at full resolution (:meth:`MultiCropTransform.decode_size`); ``jpeg_decoder="torchvision"``
+(with ``torch_resize``) has the data modules decode JPEGs straight into the uint8 tensor it crops.
 """
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -36,7 +37,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.transforms import v2
 
-from ssl_vit.data.transforms import CROP_RATIO, draft_size, to_channels_last_uint8
+from ssl_vit.data.transforms import CROP_RATIO, check_jpeg_decoder, draft_size, to_channels_last_uint8
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -101,6 +102,7 @@ class MultiCropTransform:
         separable_blur: blur with :class:`SeparableGaussianBlur` (False: ``v2.GaussianBlur``).
         torch_resize: crop and resize a ``uint8`` tensor with torch's kernel (rounding differs from PIL).
         draft: let the JPEG decoder downscale where that is safe (:meth:`decode_size`).
+        jpeg_decoder: ``"pil"`` or ``"torchvision"`` (needs ``torch_resize``; :mod:`ssl_vit.data.transforms`).
 
     Returns (``__call__``):
         ``[global_1, global_2, local_1, ..., local_N]``: float32 tensors ``[3, global_size,
@@ -121,6 +123,7 @@ class MultiCropTransform:
         separable_blur: bool = True,
         torch_resize: bool = False,
         draft: bool = False,
+        jpeg_decoder: str = "pil",
     ) -> None:
         if global_size < 1 or local_size < 1:
             raise ValueError(
@@ -138,6 +141,7 @@ class MultiCropTransform:
         self.global_scale = global_scale = _check_scale("global_scale", global_scale)
         self.local_scale = local_scale = _check_scale("local_scale", local_scale)
         self.torch_resize, self.draft = bool(torch_resize), bool(draft)
+        self.jpeg_decoder = check_jpeg_decoder(type(self).__name__, jpeg_decoder, self.torch_resize)
         blur = SeparableGaussianBlur if separable_blur else v2.GaussianBlur
         # with torch_resize the crop is a tensor: PIL takes it back for the colour operations (PIL's kernels)
         to_pil = [v2.ToPILImage()] if torch_resize else []

@@ -56,6 +56,7 @@ from ssl_vit.data.decode import (
     CorruptDataError,
     CorruptSampleError,
     ShardReadError,
+    decode_hooks,
     decode_sample,
     wanted_member,
 )
@@ -233,7 +234,7 @@ class ShardStream(IterableDataset):
     def _decoded(self, raw: Iterator[Dict[str, Any]], counter: CorruptCounter) -> Iterator[Tuple[Any, int, str]]:
         for sample in raw:
             try:
-                image, label = decode_sample(sample, self.num_classes, getattr(self.transform, "decode_size", None))
+                image, label = decode_sample(sample, self.num_classes, **decode_hooks(self.transform))
             except CorruptSampleError as exc:
                 counter.bad(sample.get("__url__", "?"), sample.get("__key__", "?"), str(exc))
                 continue

@@ -20,7 +20,12 @@ docs/benchmarks.md for what each measured):
   resampling), not with PIL's. Same filter; 6% of output values differ from PIL's by one level.
 * ``draft``: :meth:`decode_size` asks the JPEG decoder for a DCT-domain downscale by 2, 4 or 8
   (``PIL.Image.draft``) when every crop the transform can draw from the smaller image still has at
-  least the output's resolution (:func:`draft_size`); ``ssl_vit.data.decode.open_image`` applies it.
+  least the output's resolution (:func:`draft_size`); ``ssl_vit.data.decode.decode_image`` applies it.
+* ``jpeg_decoder="torchvision"`` (default ``"pil"``): the data modules decode JPEGs with
+  ``torchvision.io.decode_jpeg`` into the ``uint8`` tensor the ``torch_resize`` path crops, skipping
+  PIL's image and its copy to a tensor (``ssl_vit.data.decode.decode_image``; the same libjpeg-turbo
+  pixels). It needs ``torch_resize``: without it the transform works on PIL images
+  (:func:`check_jpeg_decoder`). A draft, when ``draft`` asks for one, is PIL's and wins.
 """
 import math
 from typing import Any, List, Optional, Sequence, Tuple
@@ -31,6 +36,8 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.transforms import v2
+
+from ssl_vit.data.decode import JPEG_DECODERS
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 CROP_RATIO = (3 / 4, 4 / 3)  # v2.RandomResizedCrop's default aspect-ratio range, as the references use
@@ -82,6 +89,25 @@ def _check_stats(mean: Sequence[float], std: Sequence[float]) -> Tuple[Tuple[flo
     if any(s <= 0 for s in std):
         raise ValueError(f"std must be > 0, got {std}")
     return mean, std
+
+
+def check_jpeg_decoder(owner: str, jpeg_decoder: str, torch_resize: bool) -> str:
+    """``jpeg_decoder`` if ``owner`` (a transform's name) can take what it decodes, else a ValueError.
+
+    ``"torchvision"`` decodes into a ``uint8`` tensor, which only the ``torch_resize`` path crops; the
+    other path would have to turn it back into a PIL image, a copy that costs what the decoder saves
+    (and v2's tensor kernels would change the crops' rounding), so that combination is refused.
+    """
+    if jpeg_decoder not in JPEG_DECODERS:
+        known = ", ".join(map(repr, JPEG_DECODERS))
+        raise ValueError(f"{owner}: jpeg_decoder must be one of {known}, got {jpeg_decoder!r}")
+    if jpeg_decoder == "torchvision" and not torch_resize:
+        raise ValueError(
+            f"{owner}: jpeg_decoder='torchvision' needs torch_resize=True (torchvision decodes into a uint8 tensor, "
+            "which only the torch_resize path crops; without it the crops run on PIL images): set torch_resize=True "
+            "or jpeg_decoder='pil'"
+        )
+    return jpeg_decoder
 
 
 def crop_and_flip(x: Tensor, crop: v2.RandomResizedCrop, flip: v2.RandomHorizontalFlip) -> Tensor:
@@ -149,9 +175,13 @@ class PretrainTransform(_SquareTransform):
         std: per-channel normalisation std (RGB).
         torch_resize: crop and resize with torch's uint8 kernel (see the module docstring).
         draft: let the JPEG decoder downscale where that is safe (:meth:`decode_size`).
+        jpeg_decoder: ``"pil"`` or ``"torchvision"`` (needs ``torch_resize``; see the module docstring).
 
     Returns (``__call__``):
         float32 tensor ``[3, size, size]``.
+
+    Raises:
+        ValueError: an argument out of range, or ``jpeg_decoder="torchvision"`` without ``torch_resize``.
     """
 
     def __init__(
@@ -163,6 +193,7 @@ class PretrainTransform(_SquareTransform):
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         torch_resize: bool = False,
         draft: bool = False,
+        jpeg_decoder: str = "pil",
     ) -> None:
         if size < 1:
             raise ValueError(f"PretrainTransform: size must be >= 1, got {size}")
@@ -173,6 +204,7 @@ class PretrainTransform(_SquareTransform):
         self.size, self.scale, self.hflip = int(size), (float(scale[0]), float(scale[1])), float(hflip)
         self.mean, self.std = _check_stats(mean, std)
         self.torch_resize, self.draft = bool(torch_resize), bool(draft)
+        self.jpeg_decoder = check_jpeg_decoder("PretrainTransform", jpeg_decoder, self.torch_resize)
         self.transform = v2.Compose(
             [
                 v2.RandomResizedCrop(self.size, scale=self.scale, interpolation=BICUBIC, antialias=True),
