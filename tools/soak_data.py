@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 from PIL import Image
@@ -90,13 +90,17 @@ def summary(values: List[float]) -> Dict[str, float]:
             "growth": round(values[-1] - values[0], 1)}
 
 
-def soak(shards: str, args: argparse.Namespace) -> Dict:
+def make_transform(args: argparse.Namespace) -> Any:
+    """The ``--transform`` with the speed switches (ValueError for a combination it refuses)."""
+    switches = dict(torch_resize=args.torch_resize, draft=args.draft, jpeg_decoder=args.jpeg_decoder)
     if args.transform in ("multicrop", "crops"):
         crops = MultiCropCrops if args.transform == "crops" else MultiCropTransform
-        transform = crops(global_size=args.size, local_size=args.size // 2, num_local=args.num_local,
-                          torch_resize=args.torch_resize, draft=args.draft)
-    else:
-        transform = PretrainTransform(args.size, torch_resize=args.torch_resize, draft=args.draft)
+        return crops(global_size=args.size, local_size=args.size // 2, num_local=args.num_local, **switches)
+    return PretrainTransform(args.size, **switches)
+
+
+def soak(shards: str, args: argparse.Namespace) -> Dict:
+    transform = make_transform(args)
     dm = ShardDataModule(shards, batch_size=args.batch_size, num_workers=args.workers, train_transform=transform,
                          pin_memory=False, seed=0)
     dm.setup("fit")
@@ -133,7 +137,7 @@ def soak(shards: str, args: argparse.Namespace) -> Dict:
         "batches_per_epoch": batches,
         "samples_per_epoch": batches * args.batch_size,
         "transform": args.transform,
-        "switches": {"torch_resize": args.torch_resize, "draft": args.draft},
+        "switches": {"torch_resize": args.torch_resize, "draft": args.draft, "jpeg_decoder": args.jpeg_decoder},
         "seconds": round(time.perf_counter() - start, 1),
         "total_rss_mib": summary(series["total_rss"]),
         "total_pss_mib": summary(series["total_pss"]),
@@ -158,12 +162,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--samples-per-epoch", type=int, default=4, help="memory samples per epoch (default 4)")
     parser.add_argument("--torch-resize", action="store_true", help="the transform's torch_resize speed switch")
     parser.add_argument("--draft", action="store_true", help="the transform's draft speed switch (JPEG DCT scaling)")
+    parser.add_argument("--jpeg-decoder", choices=["pil", "torchvision"], default="pil",
+                        help="the transform's jpeg_decoder switch (torchvision needs --torch-resize) (default pil)")
     args = parser.parse_args(argv)
     if not Path("/proc/self/status").exists():
         parser.error("reads memory from /proc: Linux only")
     for name in ("samples", "image_size", "shard_size", "epochs", "batch_size", "size", "samples_per_epoch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        make_transform(args)
+    except ValueError as err:
+        parser.error(str(err))
     if args.shards is not None:
         result = soak(args.shards, args)
     else:

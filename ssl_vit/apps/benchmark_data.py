@@ -35,10 +35,9 @@ import torchvision
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from ssl_vit.apps.benchmark_images import benchmark_jpegs, describe
-from ssl_vit.data.decode import open_image, to_rgb
+from ssl_vit.data.decode import decode_hooks, decode_image
 from ssl_vit.data.gpu_augment import MultiCropCrops
 from ssl_vit.data.multicrop import MultiCropTransform
 from ssl_vit.data.transforms import PretrainTransform
@@ -100,26 +99,19 @@ def _reference_load(data: bytes) -> Image.Image:
 
 
 def _ours(transform: Any) -> Callable[[bytes], Any]:
-    """Our decode (``open_image`` with the transform's draft hook, ``to_rgb``), then the transform."""
-    hook = getattr(transform, "decode_size", None)
-    return lambda data: transform(to_rgb(open_image(data, hook)))
-
-
-def _torchvision_decode(transform: Any) -> Callable[[bytes], Any]:
-    """``torchvision.io.decode_jpeg`` (libjpeg-turbo, EXIF applied) into a channels-last uint8 tensor."""
-
-    def run(data: bytes) -> Any:
-        pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                             apply_exif_orientation=True)
-        return transform(pixels.permute(1, 2, 0).contiguous().permute(2, 0, 1))
-
-    return run
+    """Our decode as the data modules run it (``decode_image`` with the transform's draft hook and JPEG
+    decoder), then the transform."""
+    hooks = decode_hooks(transform)
+    return lambda data: transform(decode_image(data, **hooks))
 
 
 FAST = dict(torch_resize=True, draft=True)
+TVDECODE = dict(FAST, jpeg_decoder="torchvision")
 # name -> (what it is, factory of a bytes -> output function); the factory runs in each worker
 PIPELINES: Dict[str, tuple] = {
-    "decode": ("decode only (PIL, ssl_vit.data.decode)", lambda: lambda data: to_rgb(open_image(data)).size),
+    "decode": ("decode only (PIL, ssl_vit.data.decode)", lambda: lambda data: decode_image(data).size),
+    "decode-tvdecode": ("decode only, jpeg_decoder='torchvision'", lambda: lambda data: tuple(
+        decode_image(data, jpeg_decoder="torchvision").shape)),
     "dino-reference": ("DINO DataAugmentationDINO, torchvision v1", lambda: (
         lambda f: lambda data: f(_reference_load(data)))(reference_dino())),
     "dino-cpu-v2blur": ("MultiCropTransform, separable_blur=False (the old blur)", lambda: _ours(
@@ -127,17 +119,19 @@ PIPELINES: Dict[str, tuple] = {
     "dino-cpu": ("MultiCropTransform, defaults", lambda: _ours(MultiCropTransform(num_local=LOCAL_CROPS))),
     "dino-cpu-fast": ("MultiCropTransform, torch_resize + draft", lambda: _ours(
         MultiCropTransform(num_local=LOCAL_CROPS, **FAST))),
+    "dino-cpu-tvdecode": ("MultiCropTransform, torch_resize + draft + jpeg_decoder='torchvision'", lambda: _ours(
+        MultiCropTransform(num_local=LOCAL_CROPS, **TVDECODE))),
     "dino-crops": ("MultiCropCrops (crops only), defaults", lambda: _ours(MultiCropCrops(num_local=LOCAL_CROPS))),
     "dino-crops-fast": ("MultiCropCrops, torch_resize + draft", lambda: _ours(
         MultiCropCrops(num_local=LOCAL_CROPS, **FAST))),
-    "dino-crops-tvdecode": ("MultiCropCrops, torch_resize, torchvision.io.decode_jpeg", lambda: _torchvision_decode(
-        MultiCropCrops(num_local=LOCAL_CROPS, torch_resize=True))),
+    "dino-crops-tvdecode": ("MultiCropCrops, torch_resize + draft + jpeg_decoder='torchvision'", lambda: _ours(
+        MultiCropCrops(num_local=LOCAL_CROPS, **TVDECODE))),
     "mae-reference": ("MAE main_pretrain.py transform, torchvision v1", lambda: (
         lambda f: lambda data: f(_reference_load(data)))(reference_mae())),
     "mae": ("PretrainTransform, defaults", lambda: _ours(PretrainTransform())),
     "mae-fast": ("PretrainTransform, torch_resize + draft", lambda: _ours(PretrainTransform(**FAST))),
-    "mae-tvdecode": ("PretrainTransform, torch_resize, torchvision.io.decode_jpeg", lambda: _torchvision_decode(
-        PretrainTransform(torch_resize=True))),
+    "mae-tvdecode": ("PretrainTransform, torch_resize + draft + jpeg_decoder='torchvision'", lambda: _ours(
+        PretrainTransform(**TVDECODE))),
 }
 
 

@@ -55,3 +55,6 @@ def test_bad_arguments_are_refused(tool, capsys):
     with pytest.raises(SystemExit):
         tool["main"](["--epochs", "0"])
     assert "--epochs must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool["main"](["--jpeg-decoder", "torchvision"])  # without --torch-resize: refused before any data is made
+    assert "jpeg_decoder='torchvision' needs torch_resize=True" in capsys.readouterr().err
