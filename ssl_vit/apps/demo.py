@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -30,10 +31,15 @@ from sklearn.manifold import TSNE
 from tqdm import tqdm
 
 from ssl_vit.apps.demo_report import format_table, tsne_svg, write_index_html
-from ssl_vit.apps.runs import KNN_K, KNN_T, backbone_features, few_label_probe, knn_top1, run_cli, split_features
+from ssl_vit.apps.runs import (
+    KNN_K, KNN_T, backbone_features, few_label_probe, image_loader, knn_top1, run_cli, split_features,
+)
 from ssl_vit.apps.runs import shard_pattern as _shard_pattern
 from ssl_vit.checkpoints.load import load_backbone
 from ssl_vit.data import export_digits, write_shards
+from ssl_vit.eval.features import extract_features
+from ssl_vit.losses.dino import teacher_stats
+from ssl_vit.methods.dino import DINO
 from ssl_vit.models.backbone import create_backbone
 from ssl_vit.recipes import RECIPES_DIR
 from ssl_vit.viz.gallery import export_attention
@@ -42,6 +48,9 @@ from ssl_vit.viz.reconstruction import visualize_mae
 RECIPES = RECIPES_DIR / "demo"
 IMAGE_SIZE = 32
 FEW_LABELS, FEW_LABEL_DRAWS = 5, 10
+# a teacher entropy above this fraction of log K is reported as a partial collapse (seen: 1.4 of 6.9 nats
+# in a healthy demo run, 5.7 in a collapsed one; recipes/demo/dino_digits.yaml)
+COLLAPSE_FRACTION = 0.5
 # MAE's representation is the mean patch token; DINO's the CLS token (each method's protocol).
 FEATURE_OF = {"mae": "avg", "dino": "cls"}
 LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
@@ -153,6 +162,19 @@ def _evaluate(name: str, feature_fn: Callable[[torch.Tensor], torch.Tensor], tra
     return {"row": row, "test_features": feats[2], "test_labels": feats[3]}
 
 
+def dino_teacher_health(model: DINO, images: Path) -> Dict[str, float]:
+    """Collapse indicators of a trained DINO teacher on the ImageFolder tree ``images``:
+    :func:`ssl_vit.losses.dino.teacher_stats` of its logits with the final centre and teacher
+    temperature, and ``uniform`` = ``log K``, the entropy of a uniform output. An entropy near
+    ``uniform`` is the partial collapse that leaves the demo's DINO features weak (its recipe)."""
+    model.eval()
+    with torch.no_grad():
+        logits, _ = extract_features(model.teacher, image_loader(images, IMAGE_SIZE))  # [N, K]
+    stats = teacher_stats(logits, model.loss.center, model.teacher_temp)
+    return {"entropy": round(float(stats["entropy"]), 3), "kl_to_centre": round(float(stats["kl_to_centre"]), 3),
+            "uniform": round(math.log(logits.shape[1]), 3)}
+
+
 def _describe(row: Dict[str, Any]) -> str:
     probe = row["few_label"]
     return (f"{row['features']}: k-NN {100 * row['knn_top1']:.1f}%, {probe['per_class']}-label probe "
@@ -196,7 +218,7 @@ def run_demo(
         timings["pixels_eval_s"] = clock.lap(_describe(pixels["row"]))
         rows.append({**pixels["row"], "stage": "evaluate", "time_s": timings["pixels_eval_s"]})
 
-        tsne_features = None
+        tsne_features, teacher = None, None
         epochs = {"mae": mae_epochs, "dino": dino_epochs}
         for method in methods:
             name, feature, run_dir = method.upper(), FEATURE_OF[method], output / method
@@ -216,6 +238,10 @@ def run_demo(
             rows.append({**result["row"], "stage": "pretrain", "time_s": timings[f"{method}_pretrain_s"]})
             if method == "dino":
                 tsne_features = (result["test_features"], result["test_labels"])
+                teacher = dino_teacher_health(DINO.load_from_checkpoint(ckpt, map_location="cpu"), train_dir)
+                timings["dino_teacher_s"] = clock.lap(
+                    f"DINO teacher: output entropy {teacher['entropy']:.1f} nats on the training digits "
+                    f"({teacher['uniform']:.1f} = uniform, collapsed)")
             baseline = _evaluate(f"{name} random weights ({feature})", backbone_features(random, feature),
                                  train_dir, test_dir, seed, draws)
             timings[f"{method}_random_eval_s"] = clock.lap(_describe(baseline["row"]))
@@ -247,12 +273,17 @@ def run_demo(
         if knn[f"{name} pretrained"] <= knn[f"{name} random weights"]:
             notes.append(f"{name} did not beat its random-weight baseline within the demo's budget "
                          f"(see recipes/demo/{method}_digits.yaml)")
+    if teacher is not None and teacher["entropy"] > COLLAPSE_FRACTION * teacher["uniform"]:
+        notes.append(f"DINO's teacher output is close to uniform (entropy {teacher['entropy']:.1f} of "
+                     f"{teacher['uniform']:.1f} nats): a partial collapse, which leaves its features weak "
+                     "(see recipes/demo/dino_digits.yaml)")
     summary = {
         "data": {"dataset": "scikit-learn digits, 32x32", "train": digits["train"], "test": digits["test"]},
         "knn": {"k": KNN_K, "temperature": KNN_T, "metric": "cosine"},
         "few_label": {"per_class": FEW_LABELS, "draws": draws, "classifier": "logistic regression on standardised features (train-set mean and std, no labels)"},
         "methods": list(methods),
         "results": rows,
+        "dino_teacher": teacher,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "paths": paths,
         "notes": notes,

@@ -1,15 +1,18 @@
 """`ssl-vit demo`, shortened to one epoch per method: the whole chain runs and writes its outputs."""
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from ssl_vit.apps.demo import StageProgress, _shard_pattern, main
+from ssl_vit.apps.demo import StageProgress, _shard_pattern, dino_teacher_health, main
 from ssl_vit.apps.demo_report import format_table, page_links, tsne_svg
 from ssl_vit.apps.runs import few_label_probe
+from ssl_vit.methods.dino import DINO
 
 NAMES = ["raw pixels", "MAE pretrained (avg)", "MAE random weights (avg)",
          "DINO pretrained (cls)", "DINO random weights (cls)"]
@@ -35,6 +38,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     for key in ("mae_checkpoint", "dino_checkpoint", "mae_reconstructions", "dino_attention", "index"):
         assert Path(saved["paths"][key]).is_file(), key
     assert (out / "mae" / "config.yaml").is_file()  # the resolved recipe of each run
+    teacher = saved["dino_teacher"]  # the collapse indicator, against log K of the recipe's 1,024 prototypes
+    assert teacher["uniform"] == pytest.approx(math.log(1024), abs=1e-3) and 0 <= teacher["entropy"] <= teacher["uniform"]
 
     # index.html: every link and picture is relative and resolves to a file of the demo's folder
     page = (out / "index.html").read_text()
@@ -53,6 +58,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert header.split() == ["features", "k-NN", "top-1", "5-label", "probe", "stage", "time"]
     assert "MAE pretrained (avg)" in printed and "Pretraining without labels" in printed
     assert "MAE pretraining:" in printed and "DINO pretraining:" in printed  # one line per stage
+    assert "DINO teacher: output entropy" in printed
     assert "GPU available" not in printed and "LOCAL_RANK" not in printed  # no Lightning banners
 
 
@@ -152,3 +158,21 @@ def test_multicrop_flip_can_be_turned_off_for_digits():
     assert flips(MultiCropTransform(32, 16, 2, hflip=0.0)) == [0.0] * 4
     with pytest.raises(ValueError, match="hflip"):
         MultiCropTransform(32, 16, 2, hflip=1.5)
+
+
+def test_dino_teacher_health_reads_the_collapse_from_the_final_temperature_and_centre(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            pixels = np.random.default_rng(i + 3 * (label == "b")).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / label / f"{i}.png")
+    torch.manual_seed(0)
+    model = DINO(arch="vit_tiny_patch8_32", img_size=32, embed_dim=32, depth=1, num_heads=2, out_dim=64,
+                 head_hidden_dim=32, head_bottleneck_dim=16, drop_path_rate=0.0)
+    model.teacher_temp = 1e4  # a very soft teacher: uniform outputs, entropy log K
+    flat = dino_teacher_health(model, tmp_path)
+    assert flat["uniform"] == pytest.approx(math.log(64), abs=1e-3)
+    assert flat["entropy"] == pytest.approx(flat["uniform"], abs=1e-3) and flat["kl_to_centre"] < 1e-3
+    model.teacher_temp = 1e-4  # a very sharp one: each image on one prototype
+    sharp = dino_teacher_health(model, tmp_path)
+    assert sharp["entropy"] < 0.05  # (at initialisation every image picks the same prototype: KL 0)
