@@ -8,19 +8,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
-from ssl_vit.methods.mae import MAE
-from ssl_vit.models.backbone import create_backbone
 from ssl_vit.viz.attention_distance import measure_attention_distance
 from ssl_vit.viz.attention_distance_logger import AttentionDistanceLogger
 from ssl_vit.viz.images import prepare_image
-
-
-
-def tiny_vit() -> nn.Module:
-    return create_backbone("vit_tiny_patch8_32", img_size=32, embed_dim=32, depth=2, num_heads=2)
+from viz_helpers import mae_layout_module, tiny_vit, wandb_trainer
 
 
 class Trains(pl.LightningModule):
@@ -67,18 +61,13 @@ def test_plots_per_epoch_in_the_run_directory(images, tmp_path):
 
 def test_wandb_images_and_rank_zero_only(images, tmp_path):
     pytest.importorskip("wandb")
-    module = nn.Module()
-    module.encoder = nn.Module()
-    module.encoder.vit = tiny_vit()  # the MAE layout
-    module.BACKBONES, module.EVAL_BACKBONE = MAE.BACKBONES, MAE.EVAL_BACKBONE
+    module = mae_layout_module()
     callback = AttentionDistanceLogger([str(images / "cat.png"), str(images / "owl.png")], image_size=32)
     callback.setup(SimpleNamespace(), module, "fit")
-    wandb = WandbLogger(offline=True, save_dir=str(tmp_path))
+    wandb, trainer = wandb_trainer(tmp_path)
     images_logged, metrics = [], []
     wandb.log_image = lambda **kwargs: images_logged.append(kwargs)
     wandb.log_metrics = lambda values, step: metrics.append((values, step))
-    trainer = SimpleNamespace(current_epoch=0, global_step=7, loggers=[wandb], log_dir=str(tmp_path / "run"),
-                              default_root_dir=str(tmp_path), is_global_zero=False)
     callback.on_train_epoch_end(trainer, module)
     assert images_logged == [] and not (tmp_path / "run").exists()
     trainer.is_global_zero = True
