@@ -93,6 +93,10 @@ def summary(values: List[float]) -> Dict[str, float]:
 def make_transform(args: argparse.Namespace) -> Any:
     """The ``--transform`` with the speed switches (ValueError for a combination it refuses)."""
     switches = dict(torch_resize=args.torch_resize, draft=args.draft, jpeg_decoder=args.jpeg_decoder)
+    if args.fused_views:
+        if args.transform != "multicrop":
+            raise ValueError(f"--fused-views is a switch of the multicrop transform, not of {args.transform}")
+        switches["fused_views"] = True
     if args.transform in ("multicrop", "crops"):
         crops = MultiCropCrops if args.transform == "crops" else MultiCropTransform
         return crops(global_size=args.size, local_size=args.size // 2, num_local=args.num_local, **switches)
@@ -137,7 +141,8 @@ def soak(shards: str, args: argparse.Namespace) -> Dict:
         "batches_per_epoch": batches,
         "samples_per_epoch": batches * args.batch_size,
         "transform": args.transform,
-        "switches": {"torch_resize": args.torch_resize, "draft": args.draft, "jpeg_decoder": args.jpeg_decoder},
+        "switches": {"torch_resize": args.torch_resize, "draft": args.draft, "jpeg_decoder": args.jpeg_decoder,
+                     "fused_views": args.fused_views},
         "seconds": round(time.perf_counter() - start, 1),
         "total_rss_mib": summary(series["total_rss"]),
         "total_pss_mib": summary(series["total_pss"]),
@@ -164,6 +169,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--draft", action="store_true", help="the transform's draft speed switch (JPEG DCT scaling)")
     parser.add_argument("--jpeg-decoder", choices=["pil", "torchvision"], default="pil",
                         help="the transform's jpeg_decoder switch (torchvision needs --torch-resize) (default pil)")
+    parser.add_argument("--fused-views", action="store_true",
+                        help="multicrop's fused_views switch (needs --torch-resize)")
     args = parser.parse_args(argv)
     if not Path("/proc/self/status").exists():
         parser.error("reads memory from /proc: Linux only")

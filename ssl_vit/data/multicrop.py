@@ -26,7 +26,10 @@ Speed switches (off by default, see :mod:`ssl_vit.data.transforms` and docs/benc
 ``torch_resize`` crops on a channels-last ``uint8`` tensor with torch's resampling, then hands PIL
 the crop for the colour operations; ``draft`` lets the JPEG decoder downscale where every crop
 stays at full resolution (:meth:`MultiCropTransform.decode_size`); ``jpeg_decoder="torchvision"``
-(with ``torch_resize``) has the data modules decode JPEGs straight into the uint8 tensor it crops.
+(with ``torch_resize``) has the data modules decode JPEGs straight into the uint8 tensor it crops;
+``fused_views`` (with ``torch_resize``) runs each view's steps by calling their random draws and
+kernels directly (the same draws, in the same order, and the same PIL colour kernels), blurs the local
+views as one batch and normalises them in one pass (:meth:`MultiCropTransform._fused_views`).
 """
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -37,7 +40,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.transforms import v2
 
-from ssl_vit.data.transforms import CROP_RATIO, check_jpeg_decoder, draft_size, to_channels_last_uint8
+from ssl_vit.data.transforms import (
+    CROP_RATIO, check_jpeg_decoder, crop_and_flip, draft_size, to_channels_last_uint8,
+)
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -47,13 +52,21 @@ def blur_kernel_size(crop_size: int) -> int:
     return max(3, 2 * int(0.05 * crop_size + 0.5) + 1)
 
 
+# Taps below this fraction of the centre tap are left out of the sums (|offset| > 6.44 sigma): each
+# such tap moves an output by under 255e-9 of a level, far below float32's own summation error.
+NEGLIGIBLE_TAP = 1e-9
+
+
 def separable_blur(x: Tensor, kernel_size: int, sigma: float) -> Tensor:
     """``v2.functional.gaussian_blur`` of a ``uint8`` ``[C, H, W]`` image in two 1-D passes: the same
     normalised Gaussian taps and reflect padding, each pass a sum of shifted slices (no im2col), then
-    rounded to ``uint8``."""
+    rounded to ``uint8``. Taps under ``NEGLIGIBLE_TAP`` of the centre one are skipped: at 224 (23 taps)
+    a sigma of 1 needs 13, 0.5 needs 7."""
     radius = kernel_size // 2
     taps = torch.linspace(-radius, radius, kernel_size).div_(sigma).pow_(2).mul_(-0.5).exp_()
     taps = (taps / taps.sum()).tolist()
+    skip = sum(1 for t in taps[:radius] if t < NEGLIGIBLE_TAP * taps[radius])  # from each end
+    radius, kernel_size, taps = radius - skip, kernel_size - 2 * skip, taps[skip : len(taps) - skip]
     h, w = x.shape[-2:]
     padded = F.pad(x.float().unsqueeze(0), (radius,) * 4, mode="reflect")[0]  # [C, H + 2r, W + 2r]
     rows = padded[..., 0:w] * taps[0]
@@ -77,6 +90,34 @@ class SeparableGaussianBlur(v2.GaussianBlur):
         if isinstance(inpt, Tensor) and inpt.dtype == torch.uint8 and inpt.ndim == 3:
             return separable_blur(inpt, self.kernel_size[0], sigma)
         return super().transform(inpt, params)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Gaussian blur of integer-valued float ``[B, C, H, W]`` with a per-sample ``sigma`` ``[B]``: one
+    grouped separable convolution (one channel per group), reflect padding, rounded as
+    ``v2.GaussianBlur`` on uint8 (the device augmentation's blur, and the CPU path's batched one)."""
+    b, c, h, w = x.shape
+    radius = kernel_size // 2
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # [K]
+    kernel = torch.softmax(-0.5 * (offsets / sigma.unsqueeze(1)) ** 2, dim=1)  # [B, K]
+    kernel = kernel.repeat_interleave(c, dim=0)  # [B * C, K]
+    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    y = padded.reshape(1, b * c, h + 2 * radius, w + 2 * radius)
+    y = F.conv2d(y, kernel.view(b * c, 1, 1, kernel_size), groups=b * c)  # [1, B * C, H + 2r, W]
+    y = F.conv2d(y, kernel.view(b * c, 1, kernel_size, 1), groups=b * c)  # [1, B * C, H, W]
+    return y.view(b, c, h, w).round()
+
+
+def _fused_steps(view: v2.Compose) -> Tuple[Any, ...]:
+    """``(crop, flip, jitter, grayscale, blur, solarize or None)`` of a ``torch_resize`` view, the steps
+    :meth:`MultiCropTransform._fused_views` calls directly (what follows them is the normalisation)."""
+    steps = list(view.transforms)
+    kinds = [v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.ToPILImage, v2.RandomApply, v2.RandomGrayscale,
+             v2.RandomApply]
+    solarize = steps[6] if isinstance(steps[6], v2.RandomSolarize) else None
+    if [type(t) for t in steps[:6]] != kinds or not isinstance(steps[3].transforms[0], v2.ColorJitter):
+        raise RuntimeError(f"fused_views: unexpected view steps {view}")
+    return steps[0], steps[1], steps[3], steps[4], steps[5], solarize
 
 
 def _check_scale(name: str, scale: Sequence[float]) -> Tuple[float, float]:
@@ -103,6 +144,9 @@ class MultiCropTransform:
         torch_resize: crop and resize a ``uint8`` tensor with torch's kernel (rounding differs from PIL).
         draft: let the JPEG decoder downscale where that is safe (:meth:`decode_size`).
         jpeg_decoder: ``"pil"`` or ``"torchvision"`` (needs ``torch_resize``; :mod:`ssl_vit.data.transforms`).
+        fused_views: run the views without v2's per-transform dispatch, the local views' blur batched
+            (needs ``torch_resize``; the views equal the v2 chain's but for the batched blur's float
+            summation order).
 
     Returns (``__call__``):
         ``[global_1, global_2, local_1, ..., local_N]``: float32 tensors ``[3, global_size,
@@ -124,6 +168,7 @@ class MultiCropTransform:
         torch_resize: bool = False,
         draft: bool = False,
         jpeg_decoder: str = "pil",
+        fused_views: bool = False,
     ) -> None:
         if global_size < 1 or local_size < 1:
             raise ValueError(
@@ -142,6 +187,12 @@ class MultiCropTransform:
         self.local_scale = local_scale = _check_scale("local_scale", local_scale)
         self.torch_resize, self.draft = bool(torch_resize), bool(draft)
         self.jpeg_decoder = check_jpeg_decoder(type(self).__name__, jpeg_decoder, self.torch_resize)
+        if fused_views and not torch_resize:
+            raise ValueError(
+                f"{type(self).__name__}: fused_views=True needs torch_resize=True (the fused views crop the "
+                "channels-last uint8 tensor that torch_resize makes): set torch_resize=True or fused_views=False"
+            )
+        self.fused_views = bool(fused_views)
         blur = SeparableGaussianBlur if separable_blur else v2.GaussianBlur
         # with torch_resize the crop is a tensor: PIL takes it back for the colour operations (PIL's kernels)
         to_pil = [v2.ToPILImage()] if torch_resize else []
@@ -170,12 +221,67 @@ class MultiCropTransform:
             view(global_size, global_scale, blur_p=1.0, solarize_p=0.0),
             view(global_size, global_scale, blur_p=0.1, solarize_p=0.2),
         ] + [local] * num_local
+        self._view_steps = [_fused_steps(v) for v in self.views] if self.fused_views else []
+        self._mean_std = tuple(torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (self.mean, self.std))
 
     def __call__(self, image: Any) -> List[Tensor]:
         image = self._checked(image)
         if self.torch_resize:
             image = to_channels_last_uint8(image)  # one copy, shared by every view
+        if self.fused_views:
+            return self._fused_views(image)
         return [view(image) for view in self.views]
+
+    def _fused_views(self, x: Tensor) -> List[Tensor]:
+        """``[view(x) for view in self.views]`` for a channels-last ``uint8`` ``x``, each v2 step's
+        ``make_params`` and kernel called directly: the same draws from torch's generator in the same
+        order (the ``RandomApply`` / ``_RandomApplyTransform`` test ``rand < p`` included) and the same
+        kernels (PIL's for the colour jitter and grayscale), without the per-transform dispatch and its
+        PIL <-> tensor conversions. The local views' blur (their last step) runs as one batch of
+        :func:`gaussian_blur`, and all local views are normalised in one pass; only the batched blur's
+        float summation order differs from the chain (a pixel at most one level)."""
+        views: List[Tensor] = []
+        blur_later: List[Tuple[int, float]] = []  # (view index, sigma) of the local views to blur
+        for i, (crop, flip, jitter, gray, blur, solarize) in enumerate(self._view_steps):
+            y = crop_and_flip(x, crop, flip)  # uint8 [3, s, s]
+            colour, grey = torch.rand(1).item() < jitter.p, False
+            if colour:  # PIL's kernels, as the chain (which hands PIL every view; here only those it changes)
+                image = Image.fromarray(y.permute(1, 2, 0).contiguous().numpy())
+                params = jitter.transforms[0].make_params([image])
+                image = jitter.transforms[0].transform(image, params)
+            if torch.rand(1).item() < gray.p:
+                grey = True
+                image = image if colour else Image.fromarray(y.permute(1, 2, 0).contiguous().numpy())
+                image = gray.transform(image, gray.make_params([image]))
+            if colour or grey:
+                y = to_channels_last_uint8(image)
+            if torch.rand(1).item() < blur.p:
+                gauss = blur.transforms[0]
+                sigma = gauss.make_params([y])["sigma"][0]
+                if i < 2:
+                    y = separable_blur(y, gauss.kernel_size[0], sigma)
+                else:
+                    blur_later.append((i, sigma))
+            if solarize is not None and torch.rand(1).item() < solarize.p:
+                y = v2.functional.solarize(y, solarize.threshold)
+            views.append(y)
+        if blur_later:
+            index = [i for i, _ in blur_later]
+            batch = torch.stack([views[i] for i in index]).float()  # [n, 3, s, s]
+            sigma = torch.tensor([s for _, s in blur_later])
+            blurred = gaussian_blur(batch, sigma, blur_kernel_size(self.local_size)).to(torch.uint8)
+            for i, b in zip(index, blurred):
+                views[i] = b
+        out = [self._normalise(v) for v in views[:2]]
+        if len(views) > 2:
+            out += list(self._normalise(torch.stack(views[2:])).unbind(0))
+        return out
+
+    def _normalise(self, x: Tensor) -> Tensor:
+        """``uint8`` ``[..., 3, H, W]`` -> float32: ``v2.functional.to_dtype(scale=True)`` then
+        ``normalize``, the same operations in the same order, in place."""
+        mean, std = self._mean_std
+        return x.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
     def _checked(self, image: Any) -> Any:
         """``image`` as an RGB PIL image or a ``uint8`` ``[3, H, W]`` tensor, or a clear error."""

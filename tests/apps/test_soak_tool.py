@@ -58,3 +58,9 @@ def test_bad_arguments_are_refused(tool, capsys):
     with pytest.raises(SystemExit):
         tool["main"](["--jpeg-decoder", "torchvision"])  # without --torch-resize: refused before any data is made
     assert "jpeg_decoder='torchvision' needs torch_resize=True" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool["main"](["--fused-views"])  # without --torch-resize
+    assert "fused_views=True needs torch_resize=True" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool["main"](["--fused-views", "--torch-resize", "--transform", "pretrain"])
+    assert "--fused-views is a switch of the multicrop transform, not of pretrain" in capsys.readouterr().err

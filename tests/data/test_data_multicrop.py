@@ -170,3 +170,42 @@ def test_draft_is_asked_only_when_every_crop_keeps_its_resolution():
         if factor < 8:  # and the next factor would not have been safe
             assert min_crop_side(w / (2 * factor), h / (2 * factor), t.local_scale) < t.local_size or \
                 min_crop_side(w / (2 * factor), h / (2 * factor), t.global_scale) < t.global_size
+
+
+@pytest.mark.parametrize("num_local,hflip", [(6, 0.5), (0, 0.5), (3, 0.0)])
+def test_fused_views_are_the_chains_views_with_the_same_draws(num_local, hflip):
+    """``fused_views`` calls each view's draws and kernels directly: under one seed its views are the
+    ``torch_resize`` chain's, the global ones bit for bit, the local ones up to the batched blur's
+    summation order (one level, rarely), and it leaves torch's generator where the chain does."""
+    image = photo(120, 90)
+    kwargs = dict(global_size=48, local_size=24, num_local=num_local, hflip=hflip, torch_resize=True)
+    chain, fused = MultiCropTransform(**kwargs), MultiCropTransform(**kwargs, fused_views=True)
+    level = 1 / 255 / min(fused.std)  # one uint8 level after normalisation, at the largest
+    local_diffs = []
+    for seed in range(30):
+        torch.manual_seed(seed)
+        a, after_chain = chain(image), torch.rand(1)
+        torch.manual_seed(seed)
+        b, after_fused = fused(image), torch.rand(1)
+        assert after_chain == after_fused  # same number of draws: the next image's views match too
+        assert [tuple(v.shape) for v in a] == [tuple(v.shape) for v in b]
+        assert all(v.dtype == torch.float32 and type(v) is torch.Tensor for v in b)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        for x, y in zip(a[2:], b[2:]):
+            local_diffs.append((x - y).abs().flatten())
+    if num_local:
+        d = torch.cat(local_diffs)
+        assert d.max() <= level * 1.001 and (d > 0).float().mean() < 1e-3, (d.max(), (d > 0).float().mean())
+
+
+def test_fused_views_needs_torch_resize_and_is_refused_by_the_crops_only_path():
+    from ssl_vit.data.gpu_augment import MultiCropCrops
+
+    with pytest.raises(ValueError, match="fused_views=True needs torch_resize=True"):
+        MultiCropTransform(32, 16, 2, fused_views=True)
+    with pytest.raises(ValueError, match="MultiCropCrops: fused_views"):
+        MultiCropCrops(32, 16, 2, torch_resize=True, fused_views=True)
+    t = MultiCropTransform(32, 16, 2, torch_resize=True, fused_views=True)
+    uint8 = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
+    assert [tuple(v.shape) for v in t(uint8)] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+    assert [tuple(v.shape) for v in t(Image.new("L", (40, 40), 128))][0] == (3, 32, 32)
