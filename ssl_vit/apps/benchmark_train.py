@@ -45,6 +45,7 @@ class BenchConfig:
     compile: bool = False
     grad_checkpointing: bool = False
     gpu_augment: bool = False
+    fast_data: bool = False  # shards: the transforms' speed switches (torch_resize, draft, torchvision JPEG decoder, fused_views)
     sync_debug: bool = False
     device: str = "cuda"
     data: str = "synthetic"
@@ -77,6 +78,8 @@ class BenchConfig:
             raise ValueError("--sync-debug checks CUDA host-device synchronisation: it needs --device cuda")
         if self.gpu_augment and (self.method != "dino" or self.data == "synthetic"):
             raise ValueError("--gpu-augment is DINO's device-side augmentation of real shards: use --method dino --data SHARDS")
+        if self.fast_data and self.data == "synthetic":
+            raise ValueError("--fast-data switches the transforms that read real shards: use --data SHARDS")
 
 
 def build_module(cfg: BenchConfig) -> pl.LightningModule:
@@ -118,11 +121,17 @@ def synthetic_loader(cfg: BenchConfig, length: int) -> DataLoader:
 
 
 def shard_datamodule(cfg: BenchConfig) -> pl.LightningDataModule:
+    """The shard data module; with ``fast_data`` the transforms' speed switches (docs/benchmarks.md), ``fused_views``
+    on the full CPU multi-crop."""
+    fast = dict(torch_resize=True, draft=True, jpeg_decoder="torchvision") if cfg.fast_data else {}
     if cfg.method == "mae":
-        transform: Any = PretrainTransform(size=cfg.img_size)
-    else:
-        crops = MultiCropCrops if cfg.gpu_augment else MultiCropTransform  # crops only, or everything on CPU
-        transform = crops(global_size=cfg.global_size, local_size=cfg.local_size, num_local=cfg.local_crops)
+        transform: Any = PretrainTransform(size=cfg.img_size, **fast)
+    elif cfg.gpu_augment:  # crops only: colour and blur on the device
+        transform = MultiCropCrops(global_size=cfg.global_size, local_size=cfg.local_size, num_local=cfg.local_crops,
+                                   **fast)
+    else:  # everything on the CPU
+        transform = MultiCropTransform(global_size=cfg.global_size, local_size=cfg.local_size,
+                                       num_local=cfg.local_crops, fused_views=cfg.fast_data, **fast)
     return ShardDataModule(train=cfg.data, batch_size=cfg.batch_size, num_workers=cfg.workers, train_transform=transform)
 
 

@@ -115,6 +115,7 @@ def test_gpu_suite_dry_run_writes_jsonl_and_regenerates_the_table(tmp_path):
     (["--regenerate-table", "missing.jsonl"], "no such file missing.jsonl"),
     (["--data-only", "--pipelines", "dino-cpu,bogus"], "--pipelines: unknown bogus"),
     (["--data-only", "--workers", "x"], "--workers takes"),
+    (["--method", "dino", "--device", "cpu", "--fast-data"], "--fast-data switches the transforms that read real shards"),
 ])
 def test_suite_and_data_benchmark_name_bad_arguments(argv, message, capsys):
     # in-process (tools/benchmark.py calls this main; the tests above run the script itself)
@@ -161,3 +162,19 @@ def test_quality_chain_gets_the_time_left_and_reports_it(tmp_path, monkeypatch):
     late = suite.Plan(budget_s=600, quality_s=240, start=suite.time.perf_counter() - 560)
     skipped = suite.run_quality_chain(tmp_path / "data.tar.gz", tmp_path / "q2", late, tiny=False)
     assert skipped["status"] == "skipped" and len(calls) == 1
+
+
+def test_fast_data_turns_on_each_transforms_speed_switches():
+    from ssl_vit.apps.benchmark_train import BenchConfig, shard_datamodule
+    from ssl_vit.data.gpu_augment import MultiCropCrops
+    from ssl_vit.data.multicrop import MultiCropTransform
+
+    def transform(**kw):
+        return shard_datamodule(BenchConfig(device="cpu", data="x-{000000..000001}.tar", **kw)).train_transform
+
+    cpu, crops, mae = (transform(method="dino", fast_data=True), transform(method="dino", fast_data=True, gpu_augment=True),
+                       transform(method="mae", fast_data=True))
+    assert type(cpu) is MultiCropTransform and cpu.fused_views and isinstance(crops, MultiCropCrops)
+    assert all(t.torch_resize and t.draft and t.jpeg_decoder == "torchvision" for t in (cpu, crops, mae))
+    default = transform(method="dino")
+    assert not (default.fused_views or default.torch_resize or default.draft) and default.jpeg_decoder == "pil"
