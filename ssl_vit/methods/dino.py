@@ -31,6 +31,7 @@ from torch import Tensor
 from ssl_vit.checkpoints.format import CHECKPOINT_KEY, stage_metadata
 from ssl_vit.data.gpu_augment import MultiCropGPUAugment, augment_batch, device_augment_for
 from ssl_vit.losses.dino import DINOLoss, teacher_stats
+from ssl_vit.losses.koleo import koleo_loss
 from ssl_vit.methods.base import ScheduledModule, param_groups
 from ssl_vit.methods.options import check_options
 from ssl_vit.methods.schedules import at, cosine_schedule, linear_then_constant
@@ -48,6 +49,7 @@ DINO_RANGES = {
     "drop_path_rate": "[0, 1]", "student_temp": "(0, inf)", "warmup_teacher_temp": "(0, inf)",
     "teacher_temp": "(0, inf)", "warmup_teacher_temp_epochs": "[0, inf)", "momentum_teacher": "[0, 1]",
     "center_momentum": "[0, 1]", "freeze_last_layer": "[0, inf)", "clip_grad": "[0, inf)",
+    "bottleneck_koleo_weight": "[0, inf)",
 }
 NUM_GLOBAL_CROPS = 2  # the teacher sees the first two crops of every batch
 
@@ -100,6 +102,11 @@ class DINO(ScheduledModule):
         center_momentum: EMA momentum of the centre.
         freeze_last_layer: epochs during which the head's last layer is not updated.
         clip_grad: per-tensor gradient norm limit (0 disables clipping).
+        bottleneck_koleo_weight: weight of a KoLeo term (``ssl_vit.losses.koleo``, DINOv2's regulariser,
+            which DINOv2 puts on the CLS token) on the student head's bottleneck output of each global
+            crop, averaged over the two. 0 (the default) is the reference. Not in DINO: it keeps the
+            bottleneck vectors of different images from lining up, the drift that leaves the centred
+            teacher output uniform on small data (the demo's digits, docs/fidelity.md).
         base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas: see
             ``ScheduledModule`` (DINO: 5e-4 per 256 images, 10 warm-up epochs, 1e-6, 0.04 -> 0.4).
             The warm-up reaches the peak at its last step, as the reference ``cosine_scheduler``.
@@ -150,6 +157,7 @@ class DINO(ScheduledModule):
         center_momentum: float = 0.9,
         freeze_last_layer: int = 1,
         clip_grad: float = 3.0,
+        bottleneck_koleo_weight: float = 0.0,
         base_lr: float = 5e-4,
         lr: Optional[float] = None,
         min_lr: float = 1e-6,
@@ -214,6 +222,7 @@ class DINO(ScheduledModule):
         self.momentum_teacher = momentum_teacher
         self.freeze_last_layer = freeze_last_layer
         self.clip_grad = clip_grad
+        self.bottleneck_koleo_weight = bottleneck_koleo_weight
         self.momentum_schedule: Optional[Tensor] = None
         self.teacher_temp_schedule: Optional[Tensor] = None
 
@@ -277,12 +286,20 @@ class DINO(ScheduledModule):
         momentum = at(self.momentum_schedule, self.global_step)
         with torch.no_grad():
             teacher_out = self.teacher(crops[:NUM_GLOBAL_CROPS])  # [2 * B, K]
-        student_out = self.student(crops)  # [V * B, K]
+        if self.bottleneck_koleo_weight > 0:
+            student_out, bottleneck = self.student(crops, return_bottleneck=True)  # [V * B, K], [V * B, d]
+        else:
+            student_out = self.student(crops)  # [V * B, K]
         stats = teacher_stats(teacher_out, self.loss.center, teacher_temp)
         loss = self.loss(
             student_out, teacher_out, len(crops), teacher_temp, self.student_temp,
             center_reduce=self._mean_over_processes,
         )
+        if self.bottleneck_koleo_weight > 0:
+            global_crops = bottleneck[: NUM_GLOBAL_CROPS * crops[0].shape[0]].chunk(NUM_GLOBAL_CROPS)
+            koleo = sum(koleo_loss(z) for z in global_crops) / NUM_GLOBAL_CROPS
+            self.log("train/bottleneck_koleo", koleo, on_step=True, on_epoch=False, batch_size=1)
+            loss = loss + self.bottleneck_koleo_weight * koleo
         self.log("train/loss", loss, prog_bar=True, batch_size=crops[0].shape[0])
         self.log_dict(
             {

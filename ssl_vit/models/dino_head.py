@@ -98,16 +98,18 @@ class DINOHead(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Args: x: ``[N, D]`` features. Returns: ``[N, K]`` prototype logits (before temperature).
+    def forward(self, x: Tensor, return_bottleneck: bool = False) -> Any:
+        """Args: x: ``[N, D]`` features. Returns: ``[N, K]`` prototype logits (before temperature); with
+        ``return_bottleneck``, ``(logits, bottleneck)``, the latter ``[N, bottleneck_dim]`` before its
+        L2 normalisation.
 
         The normalisation and the prototypes run in float32 even under autocast: at the teacher's
         temperature 0.04 bf16 logits move the teacher distribution by a total variation of ~2e-3
         (fp32: 0), and the loss's softmax and centring read these logits."""
-        x = self.mlp(x)  # [N, bottleneck]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = nn.functional.normalize(x.float(), dim=-1, p=2)
-            return self.last_layer(x)  # [N, K] float32
+        z = self.mlp(x)  # [N, bottleneck]
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            logits = self.last_layer(nn.functional.normalize(z.float(), dim=-1, p=2))  # [N, K] float32
+        return (logits, z) if return_bottleneck else logits
 
 
 class MultiCropNet(nn.Module):
@@ -127,11 +129,13 @@ class MultiCropNet(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: Sequence[Tensor]) -> Tensor:
-        """Args: crops: ``V`` tensors ``[B, C, h_v, w_v]`` (same ``B``).
+    def forward(self, crops: Sequence[Tensor], return_bottleneck: bool = False) -> Any:
+        """Args: crops: ``V`` tensors ``[B, C, h_v, w_v]`` (same ``B``); return_bottleneck: also return the
+        head's bottleneck (``DINOHead.forward``).
 
         Returns:
-            ``[V * B, K]``, crop-major: rows ``v * B : (v + 1) * B`` belong to crop ``v``.
+            ``[V * B, K]``, crop-major: rows ``v * B : (v + 1) * B`` belong to crop ``v``; with
+            ``return_bottleneck``, ``(logits, bottleneck)`` in the same row order.
         """
         if isinstance(crops, Tensor):
             crops = [crops]
@@ -146,4 +150,5 @@ class MultiCropNet(nn.Module):
             self.backbone(torch.cat(list(group)))  # [n_same_size * B, D]
             for _, group in groupby(crops, key=lambda c: tuple(c.shape[-2:]))
         ]
-        return self.head(torch.cat(features))  # [V * B, K]
+        features = torch.cat(features)  # [V * B, D]
+        return self.head(features, return_bottleneck=True) if return_bottleneck else self.head(features)

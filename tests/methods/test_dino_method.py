@@ -254,3 +254,36 @@ def test_cls_token_init_is_the_references():
     token = model.student.backbone.cls_token.detach().flatten()
     assert 0.018 < float(token.std()) < 0.022  # timm alone would give ~1e-6
     assert torch.equal(model.teacher.backbone.cls_token, model.student.backbone.cls_token)
+
+
+def test_bottleneck_koleo_adds_its_term_on_the_global_crops_and_is_off_by_default():
+    from ssl_vit.losses.koleo import koleo_loss
+
+    assert DINO(**TINY).bottleneck_koleo_weight == 0.0  # the reference by default
+    crops, _ = next(iter(DataLoader(Distinct(4), batch_size=4)))
+    torch.manual_seed(0)
+    model = tiny_dino(bottleneck_koleo_weight=0.5)
+    reference = tiny_dino()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        logits, bottleneck = model.student(crops, return_bottleneck=True)
+        assert torch.equal(logits, model.student(crops)) and bottleneck.shape == (4 * 4, TINY["head_bottleneck_dim"])
+        want = float(sum(koleo_loss(z) for z in bottleneck[:8].chunk(2)) / 2)  # the 2 global crops' rows
+    logged = []
+
+    class Log(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    class OneBatch(CropsModule):
+        def train_dataloader(self):
+            return DataLoader(Distinct(4), batch_size=4)
+
+    trainer(max_steps=1, callbacks=[Log()]).fit(model, datamodule=OneBatch(4, 4))
+    trainer(max_steps=1, callbacks=[Log()]).fit(reference, datamodule=OneBatch(4, 4))
+    with_koleo, without = logged
+    assert "train/bottleneck_koleo" in with_koleo and "train/bottleneck_koleo" not in without
+    assert with_koleo["train/bottleneck_koleo"] == pytest.approx(want, rel=1e-5)
+    assert with_koleo["train/loss"] == pytest.approx(without["train/loss"] + 0.5 * want, rel=1e-5)
+    with pytest.raises(ValueError, match="bottleneck_koleo_weight"):
+        tiny_dino(bottleneck_koleo_weight=-1.0)
