@@ -45,7 +45,7 @@ class BenchConfig:
     compile: bool = False
     grad_checkpointing: bool = False
     gpu_augment: bool = False
-    fast_data: bool = False  # shards: the transforms' speed switches (torch_resize, draft, torchvision JPEG decoder, fused_views)
+    fast_data: bool = False  # shards: the transforms' speed switches (torch_resize, draft, JPEG decoder, fused_views)
     sync_debug: bool = False
     device: str = "cuda"
     data: str = "synthetic"
@@ -121,8 +121,8 @@ def synthetic_loader(cfg: BenchConfig, length: int) -> DataLoader:
 
 
 def shard_datamodule(cfg: BenchConfig) -> pl.LightningDataModule:
-    """The shard data module; with ``fast_data`` the transforms' speed switches (docs/benchmarks.md), ``fused_views``
-    on the full CPU multi-crop."""
+    """The shard data module; with ``fast_data`` the transforms' speed switches (docs/benchmarks.md),
+    ``fused_views`` on the full CPU multi-crop."""
     fast = dict(torch_resize=True, draft=True, jpeg_decoder="torchvision") if cfg.fast_data else {}
     if cfg.method == "mae":
         transform: Any = PretrainTransform(size=cfg.img_size, **fast)

@@ -192,6 +192,11 @@ class MultiCropTransform:
                 f"{type(self).__name__}: fused_views=True needs torch_resize=True (the fused views crop the "
                 "channels-last uint8 tensor that torch_resize makes): set torch_resize=True or fused_views=False"
             )
+        if fused_views and not separable_blur:
+            raise ValueError(
+                f"{type(self).__name__}: fused_views=True blurs with separable_blur's kernel, but separable_blur=False "
+                "asks for v2.GaussianBlur's: drop one of the two"
+            )
         self.fused_views = bool(fused_views)
         blur = SeparableGaussianBlur if separable_blur else v2.GaussianBlur
         # with torch_resize the crop is a tensor: PIL takes it back for the colour operations (PIL's kernels)

@@ -104,9 +104,10 @@ class DINO(ScheduledModule):
         clip_grad: per-tensor gradient norm limit (0 disables clipping).
         bottleneck_koleo_weight: weight of a KoLeo term (``ssl_vit.losses.koleo``, DINOv2's regulariser,
             which DINOv2 puts on the CLS token) on the student head's bottleneck output of each global
-            crop, averaged over the two. 0 (the default) is the reference. Not in DINO: it keeps the
-            bottleneck vectors of different images from lining up, the drift that leaves the centred
-            teacher output uniform on small data (the demo's digits, docs/fidelity.md).
+            crop, averaged over the two (none on a batch of one image). 0 (the default) is the
+            reference. Not in DINO: it keeps the bottleneck vectors of different images from lining
+            up, the drift that leaves the centred teacher output uniform on small data (the demo's
+            digits, docs/fidelity.md).
         base_lr, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas: see
             ``ScheduledModule`` (DINO: 5e-4 per 256 images, 10 warm-up epochs, 1e-6, 0.04 -> 0.4).
             The warm-up reaches the peak at its last step, as the reference ``cosine_scheduler``.
@@ -286,7 +287,9 @@ class DINO(ScheduledModule):
         momentum = at(self.momentum_schedule, self.global_step)
         with torch.no_grad():
             teacher_out = self.teacher(crops[:NUM_GLOBAL_CROPS])  # [2 * B, K]
-        if self.bottleneck_koleo_weight > 0:
+        # the KoLeo term needs a nearest neighbour: two images at least
+        koleo_on = self.bottleneck_koleo_weight > 0 and crops[0].shape[0] > 1
+        if koleo_on:
             student_out, bottleneck = self.student(crops, return_bottleneck=True)  # [V * B, K], [V * B, d]
         else:
             student_out = self.student(crops)  # [V * B, K]
@@ -295,7 +298,7 @@ class DINO(ScheduledModule):
             student_out, teacher_out, len(crops), teacher_temp, self.student_temp,
             center_reduce=self._mean_over_processes,
         )
-        if self.bottleneck_koleo_weight > 0:
+        if koleo_on:
             global_crops = bottleneck[: NUM_GLOBAL_CROPS * crops[0].shape[0]].chunk(NUM_GLOBAL_CROPS)
             koleo = sum(koleo_loss(z) for z in global_crops) / NUM_GLOBAL_CROPS
             self.log("train/bottleneck_koleo", koleo, on_step=True, on_epoch=False, batch_size=1)

@@ -203,6 +203,8 @@ def test_fused_views_needs_torch_resize_and_is_refused_by_the_crops_only_path():
 
     with pytest.raises(ValueError, match="fused_views=True needs torch_resize=True"):
         MultiCropTransform(32, 16, 2, fused_views=True)
+    with pytest.raises(ValueError, match="fused_views=True blurs with separable_blur's kernel"):
+        MultiCropTransform(32, 16, 2, torch_resize=True, separable_blur=False, fused_views=True)
     with pytest.raises(ValueError, match="MultiCropCrops: fused_views"):
         MultiCropCrops(32, 16, 2, torch_resize=True, fused_views=True)
     t = MultiCropTransform(32, 16, 2, torch_resize=True, fused_views=True)

@@ -285,5 +285,8 @@ def test_bottleneck_koleo_adds_its_term_on_the_global_crops_and_is_off_by_defaul
     assert "train/bottleneck_koleo" in with_koleo and "train/bottleneck_koleo" not in without
     assert with_koleo["train/bottleneck_koleo"] == pytest.approx(want, rel=1e-5)
     assert with_koleo["train/loss"] == pytest.approx(without["train/loss"] + 0.5 * want, rel=1e-5)
+    logged.clear()  # a batch of one image has no nearest neighbour: no term, and no error
+    trainer(max_steps=1, callbacks=[Log()]).fit(tiny_dino(bottleneck_koleo_weight=0.5), datamodule=CropsModule(1, 1))
+    assert "train/bottleneck_koleo" not in logged[0] and math.isfinite(logged[0]["train/loss"])
     with pytest.raises(ValueError, match="bottleneck_koleo_weight"):
         tiny_dino(bottleneck_koleo_weight=-1.0)
