@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ssl_vit.apps.benchmark_data import TVDECODE
 from ssl_vit.data import PretrainTransform, ShardDataModule
 from ssl_vit.data.gpu_augment import MultiCropCrops
 from ssl_vit.data.multicrop import MultiCropTransform
@@ -123,7 +124,7 @@ def synthetic_loader(cfg: BenchConfig, length: int) -> DataLoader:
 def shard_datamodule(cfg: BenchConfig) -> pl.LightningDataModule:
     """The shard data module; with ``fast_data`` the transforms' speed switches (docs/benchmarks.md),
     ``fused_views`` on the full CPU multi-crop."""
-    fast = dict(torch_resize=True, draft=True, jpeg_decoder="torchvision") if cfg.fast_data else {}
+    fast = dict(TVDECODE) if cfg.fast_data else {}  # the switches of the data benchmark's fastest rows
     if cfg.method == "mae":
         transform: Any = PretrainTransform(size=cfg.img_size, **fast)
     elif cfg.gpu_augment:  # crops only: colour and blur on the device

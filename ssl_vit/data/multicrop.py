@@ -249,16 +249,15 @@ class MultiCropTransform:
         blur_later: List[Tuple[int, float]] = []  # (view index, sigma) of the local views to blur
         for i, (crop, flip, jitter, gray, blur, solarize) in enumerate(self._view_steps):
             y = crop_and_flip(x, crop, flip)  # uint8 [3, s, s]
-            colour, grey = torch.rand(1).item() < jitter.p, False
-            if colour:  # PIL's kernels, as the chain (which hands PIL every view; here only those it changes)
+            # PIL's kernels, as the chain (which hands PIL every view; here only the views they change)
+            image: Optional[Image.Image] = None
+            if torch.rand(1).item() < jitter.p:
                 image = Image.fromarray(y.permute(1, 2, 0).contiguous().numpy())
-                params = jitter.transforms[0].make_params([image])
-                image = jitter.transforms[0].transform(image, params)
+                image = jitter.transforms[0].transform(image, jitter.transforms[0].make_params([image]))
             if torch.rand(1).item() < gray.p:
-                grey = True
-                image = image if colour else Image.fromarray(y.permute(1, 2, 0).contiguous().numpy())
+                image = image if image is not None else Image.fromarray(y.permute(1, 2, 0).contiguous().numpy())
                 image = gray.transform(image, gray.make_params([image]))
-            if colour or grey:
+            if image is not None:
                 y = to_channels_last_uint8(image)
             if torch.rand(1).item() < blur.p:
                 gauss = blur.transforms[0]
