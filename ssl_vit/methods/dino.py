@@ -48,8 +48,8 @@ warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfe
 DINO_RANGES = {
     "drop_path_rate": "[0, 1]", "student_temp": "(0, inf)", "warmup_teacher_temp": "(0, inf)",
     "teacher_temp": "(0, inf)", "warmup_teacher_temp_epochs": "[0, inf)", "momentum_teacher": "[0, 1]",
-    "center_momentum": "[0, 1]", "freeze_last_layer": "[0, inf)", "clip_grad": "[0, inf)",
-    "bottleneck_koleo_weight": "[0, inf)",
+    "momentum_teacher_final": "[0, 1]", "center_momentum": "[0, 1]", "freeze_last_layer": "[0, inf)", "clip_grad": "[0, inf)",
+    "bottleneck_koleo_weight": "[0, inf)", "mlp_ratio": "(0, inf)",
 }
 NUM_GLOBAL_CROPS = 2  # the teacher sees the first two crops of every batch
 
@@ -83,6 +83,7 @@ class DINO(ScheduledModule):
             use the on-the-fly resampled embedding.
         patch_size: overrides the patch size of ``arch``.
         embed_dim, depth, num_heads: override the width / depth / heads of ``arch`` (custom sizes).
+        mlp_ratio: overrides the blocks' MLP width / block width of ``arch`` (4 in every ViT size).
         drop_path_rate: stochastic depth of the student (the teacher has none).
         out_dim: number of prototypes ``K``.
         head_hidden_dim: hidden width of the head MLP.
@@ -98,7 +99,12 @@ class DINO(ScheduledModule):
             so ``W`` must be a whole number unless ``teacher_temp_per_step``.
         teacher_temp_per_step: ramp the temperature every optimiser step instead of every epoch
             (smoother; not the reference's behaviour).
-        momentum_teacher: EMA momentum at step 0; a cosine takes it to 1 at the end of training.
+        momentum_teacher: EMA momentum at step 0; a cosine takes it to ``momentum_teacher_final`` at
+            the end of training.
+        momentum_teacher_final: the EMA momentum of the last step: 1 (the reference), so the teacher
+            stops following the student as training ends. Below 1 the teacher keeps averaging the
+            last steps: in a short run, where the student is still improving at the end, a teacher
+            frozen early lags it (the demo recipe: 0.99, constant).
         center_momentum: EMA momentum of the centre.
         freeze_last_layer: epochs during which the head's last layer is not updated.
         clip_grad: per-tensor gradient norm limit (0 disables clipping).
@@ -142,6 +148,7 @@ class DINO(ScheduledModule):
         embed_dim: Optional[int] = None,
         depth: Optional[int] = None,
         num_heads: Optional[int] = None,
+        mlp_ratio: Optional[float] = None,
         drop_path_rate: float = 0.1,
         out_dim: int = 65536,
         head_hidden_dim: int = 2048,
@@ -155,6 +162,7 @@ class DINO(ScheduledModule):
         warmup_teacher_temp_epochs: float = 0,
         teacher_temp_per_step: bool = False,
         momentum_teacher: float = 0.996,
+        momentum_teacher_final: float = 1.0,
         center_momentum: float = 0.9,
         freeze_last_layer: int = 1,
         clip_grad: float = 3.0,
@@ -186,7 +194,7 @@ class DINO(ScheduledModule):
                 "the temperature changes once per epoch (as the reference) unless teacher_temp_per_step=true"
             )
         self.arch = arch
-        overrides = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+        overrides = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
         # the create_backbone arguments that define the architecture (stored in checkpoints)
         self.backbone_kwargs: Dict[str, Any] = dict(img_size=img_size)
         self.backbone_kwargs.update({k: v for k, v in overrides.items() if v is not None})
@@ -220,7 +228,7 @@ class DINO(ScheduledModule):
         self.warmup_teacher_temp, self.teacher_temp = warmup_teacher_temp, teacher_temp
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
         self.teacher_temp_per_step = teacher_temp_per_step
-        self.momentum_teacher = momentum_teacher
+        self.momentum_teacher, self.momentum_teacher_final = momentum_teacher, momentum_teacher_final
         self.freeze_last_layer = freeze_last_layer
         self.clip_grad = clip_grad
         self.bottleneck_koleo_weight = bottleneck_koleo_weight
@@ -250,12 +258,12 @@ class DINO(ScheduledModule):
     warmup_reaches_base = True  # the reference cosine_scheduler's warm-up: linspace(0, peak, W)
 
     def build_schedules(self) -> None:
-        """lr / wd (base class), EMA momentum (cosine to 1) per step; the teacher temperature per
-        epoch (the reference's ``teacher_temp_schedule[epoch]``), or per step with
-        ``teacher_temp_per_step``."""
+        """lr / wd (base class), EMA momentum (cosine to ``momentum_teacher_final``, 1 by default) per
+        step; the teacher temperature per epoch (the reference's ``teacher_temp_schedule[epoch]``), or
+        per step with ``teacher_temp_per_step``."""
         super().build_schedules()
         total = self.total_steps
-        self.momentum_schedule = cosine_schedule(self.momentum_teacher, 1.0, total)
+        self.momentum_schedule = cosine_schedule(self.momentum_teacher, self.momentum_teacher_final, total)
         if self.teacher_temp_per_step:
             ramp = round(self.warmup_teacher_temp_epochs * self.steps_per_epoch)
             self.teacher_temp_schedule = linear_then_constant(self.warmup_teacher_temp, self.teacher_temp, ramp, total)

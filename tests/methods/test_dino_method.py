@@ -157,6 +157,25 @@ def test_ema_runs_once_per_optimiser_step_with_that_steps_momentum():
     assert not all(torch.equal(a, b) for a, b in zip(model.teacher.parameters(), teacher0))
 
 
+@pytest.mark.parametrize("final,expected", [
+    (None, [0.99, 0.99 + 0.01 * (1 - math.cos(math.pi / 4)) / 2, 0.995, 0.99 + 0.01 * (1 - math.cos(3 * math.pi / 4)) / 2]),
+    (0.99, [0.99] * 4),  # the demo's: a constant momentum, the teacher never freezes
+    (0.98, [0.99, 0.99 - 0.01 * (1 - math.cos(math.pi / 4)) / 2, 0.985, 0.99 - 0.01 * (1 - math.cos(3 * math.pi / 4)) / 2]),
+])
+def test_momentum_teacher_final_is_where_the_cosine_ends(final, expected):
+    model = tiny_dino(momentum_teacher=0.99, **({} if final is None else {"momentum_teacher_final": final}))
+    momenta = []
+    original = model.update_teacher
+    model.update_teacher = lambda m: (momenta.append(m), original(m))[1]
+    trainer().fit(model, datamodule=CropsModule(8, 2))  # 4 steps
+    assert momenta == pytest.approx(expected)
+
+
+def test_momentum_teacher_final_is_checked():
+    with pytest.raises(ValueError, match="momentum_teacher_final"):
+        tiny_dino(momentum_teacher_final=1.01)
+
+
 @pytest.mark.parametrize("per_step,expected", [
     (False, [0.04] * 4 + [0.07] * 4),  # the reference: linspace(0.04, 0.07, 1)[epoch], then 0.07
     (True, [0.04, 0.05, 0.06, 0.07, 0.07, 0.07, 0.07, 0.07]),  # the option: a ramp over the steps
@@ -229,7 +248,24 @@ def test_checkpoint_metadata_rebuilds_the_teacher_backbone_and_restores_the_cent
     assert torch.equal(restored.loss.center, model.loss.center)
 
 
+def test_mlp_ratio_sizes_both_backbones_and_travels_with_the_checkpoint(tmp_path):
+    from ssl_vit.checkpoints.load import load_backbone
+
+    model = tiny_dino(mlp_ratio=2.0)
+    for net in (model.student, model.teacher):
+        assert {block.mlp.fc1.out_features for block in net.backbone.blocks} == {2 * TINY["embed_dim"]}
+    t = trainer(max_steps=1)
+    t.fit(model, datamodule=CropsModule())
+    t.save_checkpoint(tmp_path / "dino.ckpt")
+    backbone = load_backbone(tmp_path / "dino.ckpt")
+    assert backbone.blocks[0].mlp.fc1.out_features == 2 * TINY["embed_dim"]
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(backbone.eval()(x), model.eval()(x))
+
+
 def test_bad_configuration_and_batches_fail_clearly():
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        tiny_dino(mlp_ratio=0.0)
     with pytest.raises(ValueError, match="teacher_temp"):
         tiny_dino(teacher_temp=0.0)
     with pytest.raises(ValueError, match="momentum_teacher"):
