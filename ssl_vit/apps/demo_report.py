@@ -69,7 +69,8 @@ def format_table(summary: Dict[str, Any]) -> str:
     lines = [line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]]
     lines.append(verdict(summary))
     lines += [f"note: {note}" for note in summary["notes"]]
-    lines.append(f"total time {summary['timings']['total_s']:.0f} s; details in summary.json")
+    side = " (MAE and DINO pretrained side by side, one process each)" if summary.get("side_by_side") else ""
+    lines.append(f"total time {summary['timings']['total_s']:.0f} s{side}; details in summary.json")
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_vit.apps.demo import StageProgress, _shard_pattern, dino_teacher_health, main
+from ssl_vit.apps.demo import RECIPES, BackgroundPretrain, StageProgress, _shard_pattern, dino_teacher_health, main
 from ssl_vit.apps.demo_report import format_table, page_links, tsne_svg
 from ssl_vit.apps.runs import few_label_probe
 from ssl_vit.methods.dino import DINO
@@ -57,7 +57,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     header = next(line for line in printed.splitlines() if line.startswith("features"))
     assert header.split() == ["features", "k-NN", "top-1", "5-label", "probe", "stage", "time"]
     assert "MAE pretrained (avg)" in printed and "Pretraining without labels" in printed
-    assert "MAE pretraining:" in printed and "DINO pretraining:" in printed  # one line per stage
+    assert "DINO pretraining:" in printed  # one line per stage
+    if saved["side_by_side"]:  # the default on 2 cores or more: MAE ran in a second process, logged apart
+        assert "MAE pretraining, beside DINO:" in printed and "side by side" in printed
+        log = (out / "mae" / "fit.log").read_text()
+        assert "MAE: step" in log and "Traceback" not in log  # its progress lines went to the log
+    else:
+        assert "MAE pretraining:" in printed
     assert "DINO teacher: output entropy" in printed
     assert "GPU available" not in printed and "LOCAL_RANK" not in printed  # no Lightning banners
 
@@ -72,6 +78,16 @@ def test_demo_rejects_bad_arguments(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:
         main(["--output", str(tmp_path / "demo"), *args])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_failing_background_pretraining_names_its_error_and_log(tmp_path):
+    job = BackgroundPretrain(RECIPES / "mae_digits.yaml", str(tmp_path / "missing-{000000..000001}.tar"),
+                             tmp_path / "mae", epochs=1, seed=0, threads=1)
+    with pytest.raises(RuntimeError, match=r"demo mae_digits \(run in the background\) failed: .*missing") as err:
+        job.join()
+    assert str(tmp_path / "mae" / "fit.log") in str(err.value)
+    assert "Traceback" in (tmp_path / "mae" / "fit.log").read_text()  # the whole story is kept
+    job.stop()  # a finished job: a no-op
 
 
 def test_demo_rejects_an_output_that_is_a_file(tmp_path, capsys):
