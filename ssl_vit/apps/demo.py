@@ -177,8 +177,8 @@ class BackgroundPretrain:
         self.name = recipe.stem
         self.log, self.result = run_dir / "fit.log", run_dir / "fit_result.json"
         self.result.unlink(missing_ok=True)
-        # spawn, not fork: the parent's torch thread pools do not survive a fork; not a daemon: the
-        # child's own data loader worker is its child
+        # spawn: a fresh interpreter rather than a copy of the parent mid-run (its torch state, open
+        # loaders); not a daemon: the child's own data loader worker is its child
         self.process = multiprocessing.get_context("spawn").Process(
             target=_pretrain_job,
             args=(recipe, train, run_dir, epochs, seed, threads, self.log, self.result, multiprocessing.get_start_method()),

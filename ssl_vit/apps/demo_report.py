@@ -61,6 +61,11 @@ def verdict(summary: Dict[str, Any]) -> str:
     return f"Pretraining without labels lifts k-NN from random weights ({', '.join(lifts)}); {few}."
 
 
+def _side_by_side(summary: Dict[str, Any]) -> str:
+    """What the total time covers when the pretrainings overlapped (their stage times add up to more)."""
+    return " (MAE and DINO pretrained side by side, one process each)" if summary.get("side_by_side") else ""
+
+
 def format_table(summary: Dict[str, Any]) -> str:
     """The printed table, the verdict, any notes and the total time."""
     rows = table_rows(summary)
@@ -69,8 +74,7 @@ def format_table(summary: Dict[str, Any]) -> str:
     lines = [line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]]
     lines.append(verdict(summary))
     lines += [f"note: {note}" for note in summary["notes"]]
-    side = " (MAE and DINO pretrained side by side, one process each)" if summary.get("side_by_side") else ""
-    lines.append(f"total time {summary['timings']['total_s']:.0f} s{side}; details in summary.json")
+    lines.append(f"total time {summary['timings']['total_s']:.0f} s{_side_by_side(summary)}; details in summary.json")
     return "\n".join(lines)
 
 
@@ -121,7 +125,7 @@ def write_index_html(output: Path, summary: Dict[str, Any], tsne: str = "") -> P
     body.append("</tbody></table>")
     body.append(f"<p><b>{esc(verdict(summary))}</b></p>")
     body += [f"<p>note: {esc(n)}</p>" for n in summary["notes"]]
-    body.append(f"<p>Total time {summary['timings']['total_s']:.0f} s. "
+    body.append(f"<p>Total time {summary['timings']['total_s']:.0f} s{esc(_side_by_side(summary))}. "
                 f"<a href=\"summary.json\">summary.json</a> holds every number.</p>")
     paths = summary["paths"]
     if "mae_reconstructions" in paths:

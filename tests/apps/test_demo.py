@@ -80,6 +80,22 @@ def test_demo_rejects_bad_arguments(tmp_path, capsys, args, message):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, sequential", [([], False), (["--sequential"], True)])
+def test_sequential_reaches_the_demo(tmp_path, monkeypatch, args, sequential):
+    import ssl_vit.apps.demo as demo
+
+    seen = {}
+
+    def fake_run_demo(*positional, **options):
+        seen.update(options)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "demo"), *args])
+    assert seen["sequential"] is sequential
+
+
 def test_a_failing_background_pretraining_names_its_error_and_log(tmp_path):
     job = BackgroundPretrain(RECIPES / "mae_digits.yaml", str(tmp_path / "missing-{000000..000001}.tar"),
                              tmp_path / "mae", epochs=1, seed=0, threads=1)
