@@ -181,7 +181,8 @@ class BackgroundPretrain:
         # loaders); not a daemon: the child's own data loader worker is its child
         self.process = multiprocessing.get_context("spawn").Process(
             target=_pretrain_job,
-            args=(recipe, train, run_dir, epochs, seed, threads, self.log, self.result, multiprocessing.get_start_method()),
+            args=(recipe, train, run_dir, epochs, seed, threads, self.log, self.result,
+                  multiprocessing.get_start_method()),
             name=f"demo {self.name}")
         self.process.start()
 
@@ -289,9 +290,7 @@ def run_demo(
         runs: Dict[str, Dict[str, Any]] = {}
         background = BackgroundPretrain(*job["mae"], threads=threads) if beside else None
         try:
-            for method in methods:
-                if method == "mae" and background is not None:
-                    continue
+            for method in (m for m in methods if background is None or m != "mae"):
                 runs[method] = _pretrain(*job[method])
                 timings[f"{method}_pretrain_s"] = clock.lap(f"{method.upper()} pretraining: {runs[method]['steps']} "
                                                             f"steps, checkpoint {runs[method]['checkpoint']}")

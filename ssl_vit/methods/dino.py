@@ -48,7 +48,8 @@ warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfe
 DINO_RANGES = {
     "drop_path_rate": "[0, 1]", "student_temp": "(0, inf)", "warmup_teacher_temp": "(0, inf)",
     "teacher_temp": "(0, inf)", "warmup_teacher_temp_epochs": "[0, inf)", "momentum_teacher": "[0, 1]",
-    "momentum_teacher_final": "[0, 1]", "center_momentum": "[0, 1]", "freeze_last_layer": "[0, inf)", "clip_grad": "[0, inf)",
+    "momentum_teacher_final": "[0, 1]", "center_momentum": "[0, 1]", "freeze_last_layer": "[0, inf)",
+    "clip_grad": "[0, inf)",
     "bottleneck_koleo_weight": "[0, inf)", "mlp_ratio": "(0, inf)",
 }
 NUM_GLOBAL_CROPS = 2  # the teacher sees the first two crops of every batch
@@ -194,7 +195,8 @@ class DINO(ScheduledModule):
                 "the temperature changes once per epoch (as the reference) unless teacher_temp_per_step=true"
             )
         self.arch = arch
-        overrides = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        overrides = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                         mlp_ratio=mlp_ratio)
         # the create_backbone arguments that define the architecture (stored in checkpoints)
         self.backbone_kwargs: Dict[str, Any] = dict(img_size=img_size)
         self.backbone_kwargs.update({k: v for k, v in overrides.items() if v is not None})

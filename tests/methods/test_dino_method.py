@@ -158,9 +158,11 @@ def test_ema_runs_once_per_optimiser_step_with_that_steps_momentum():
 
 
 @pytest.mark.parametrize("final,expected", [
-    (None, [0.99, 0.99 + 0.01 * (1 - math.cos(math.pi / 4)) / 2, 0.995, 0.99 + 0.01 * (1 - math.cos(3 * math.pi / 4)) / 2]),
+    (None, [0.99, 0.99 + 0.01 * (1 - math.cos(math.pi / 4)) / 2, 0.995,
+            0.99 + 0.01 * (1 - math.cos(3 * math.pi / 4)) / 2]),
     (0.99, [0.99] * 4),  # the demo's: a constant momentum, the teacher never freezes
-    (0.98, [0.99, 0.99 - 0.01 * (1 - math.cos(math.pi / 4)) / 2, 0.985, 0.99 - 0.01 * (1 - math.cos(3 * math.pi / 4)) / 2]),
+    (0.98, [0.99, 0.99 - 0.01 * (1 - math.cos(math.pi / 4)) / 2, 0.985,
+            0.99 - 0.01 * (1 - math.cos(3 * math.pi / 4)) / 2]),
 ])
 def test_momentum_teacher_final_is_where_the_cosine_ends(final, expected):
     model = tiny_dino(momentum_teacher=0.99, **({} if final is None else {"momentum_teacher_final": final}))
