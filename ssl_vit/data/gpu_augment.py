@@ -50,7 +50,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from ssl_vit.data.multicrop import MultiCropTransform, blur_kernel_size, gaussian_blur
+from ssl_vit.data.multicrop import MultiCropTransform, blur_kernel_size
 from ssl_vit.data.transforms import crop_and_flip, to_channels_last_uint8
 
 # The CPU path's constants (ssl_vit.data.multicrop; the tests check that both agree).
@@ -243,6 +243,22 @@ def color_jitter(x: Tensor, apply: Tensor, order: Tensor, factors: Tensor) -> Te
 def grayscale(x: Tensor) -> Tensor:
     """``[B, 3, H, W]`` -> the truncated luma on all three channels (``v2.RandomGrayscale`` on uint8)."""
     return luma(x).trunc().expand_as(x)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Gaussian blur of integer-valued float ``[B, C, H, W]`` with a per-sample ``sigma`` ``[B]``: one
+    grouped separable convolution (one channel per group), reflect padding, rounded as
+    ``v2.GaussianBlur`` on uint8."""
+    b, c, h, w = x.shape
+    radius = kernel_size // 2
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # [K]
+    kernel = torch.softmax(-0.5 * (offsets / sigma.unsqueeze(1)) ** 2, dim=1)  # [B, K]
+    kernel = kernel.repeat_interleave(c, dim=0)  # [B * C, K]
+    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    y = padded.reshape(1, b * c, h + 2 * radius, w + 2 * radius)
+    y = F.conv2d(y, kernel.view(b * c, 1, 1, kernel_size), groups=b * c)  # [1, B * C, H + 2r, W]
+    y = F.conv2d(y, kernel.view(b * c, 1, kernel_size, 1), groups=b * c)  # [1, B * C, H, W]
+    return y.view(b, c, h, w).round()
 
 
 def augment_view(x: Tensor, p: ViewParams, kernel_size: int, mean: Tensor, std: Tensor) -> Tensor:

@@ -28,14 +28,16 @@ the crop for the colour operations; ``draft`` lets the JPEG decoder downscale wh
 stays at full resolution (:meth:`MultiCropTransform.decode_size`); ``jpeg_decoder="torchvision"``
 (with ``torch_resize``) has the data modules decode JPEGs straight into the uint8 tensor it crops;
 ``fused_views`` (with ``torch_resize``) runs each view's steps by calling their random draws and
-kernels directly (the same draws, in the same order, and the same PIL colour kernels), blurs the local
-views as one batch and normalises them in one pass (:meth:`MultiCropTransform._fused_views`).
+kernels directly (the same draws, in the same order, and the same PIL colour kernels), keeps each view
+channels-last from the crop to PIL, turns it into float32 once and normalises the local views in one
+pass (:meth:`MultiCropTransform._fused_views`); its views are the chain's, bit for bit.
 """
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageEnhance
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.transforms import v2
@@ -62,20 +64,26 @@ def separable_blur(x: Tensor, kernel_size: int, sigma: float) -> Tensor:
     normalised Gaussian taps and reflect padding, each pass a sum of shifted slices (no im2col), then
     rounded to ``uint8``. Taps under ``NEGLIGIBLE_TAP`` of the centre one are skipped: at 224 (23 taps)
     a sigma of 1 needs 13, 0.5 needs 7."""
+    return separable_blur_float(x.float(), kernel_size, sigma).to(torch.uint8)
+
+
+def separable_blur_float(x: Tensor, kernel_size: int, sigma: float) -> Tensor:
+    """:func:`separable_blur` of integer-valued float32 ``[C, H, W]`` pixels in [0, 255], rounded and
+    clamped but kept float (the values ``separable_blur`` turns into ``uint8``)."""
     radius = kernel_size // 2
     taps = torch.linspace(-radius, radius, kernel_size).div_(sigma).pow_(2).mul_(-0.5).exp_()
     taps = (taps / taps.sum()).tolist()
     skip = sum(1 for t in taps[:radius] if t < NEGLIGIBLE_TAP * taps[radius])  # from each end
     radius, kernel_size, taps = radius - skip, kernel_size - 2 * skip, taps[skip : len(taps) - skip]
     h, w = x.shape[-2:]
-    padded = F.pad(x.float().unsqueeze(0), (radius,) * 4, mode="reflect")[0]  # [C, H + 2r, W + 2r]
+    padded = F.pad(x.unsqueeze(0), (radius,) * 4, mode="reflect")[0]  # [C, H + 2r, W + 2r]
     rows = padded[..., 0:w] * taps[0]
     for i in range(1, kernel_size):
         rows.add_(padded[..., i : i + w], alpha=taps[i])
     out = rows[..., 0:h, :] * taps[0]
     for i in range(1, kernel_size):
         out.add_(rows[..., i : i + h, :], alpha=taps[i])
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    return out.round_().clamp_(0, 255)
 
 
 class SeparableGaussianBlur(v2.GaussianBlur):
@@ -92,20 +100,33 @@ class SeparableGaussianBlur(v2.GaussianBlur):
         return super().transform(inpt, params)
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
-    """Gaussian blur of integer-valued float ``[B, C, H, W]`` with a per-sample ``sigma`` ``[B]``: one
-    grouped separable convolution (one channel per group), reflect padding, rounded as
-    ``v2.GaussianBlur`` on uint8 (the device augmentation's blur, and the CPU path's batched one)."""
-    b, c, h, w = x.shape
-    radius = kernel_size // 2
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # [K]
-    kernel = torch.softmax(-0.5 * (offsets / sigma.unsqueeze(1)) ** 2, dim=1)  # [B, K]
-    kernel = kernel.repeat_interleave(c, dim=0)  # [B * C, K]
-    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    y = padded.reshape(1, b * c, h + 2 * radius, w + 2 * radius)
-    y = F.conv2d(y, kernel.view(b * c, 1, 1, kernel_size), groups=b * c)  # [1, B * C, H + 2r, W]
-    y = F.conv2d(y, kernel.view(b * c, 1, kernel_size, 1), groups=b * c)  # [1, B * C, H, W]
-    return y.view(b, c, h, w).round()
+def _solarize_float(x: Tensor, threshold: float) -> Tensor:
+    """``v2.functional.solarize`` of integer-valued float pixels in [0, 255], as on ``uint8``."""
+    return torch.where(x >= threshold, 255 - x, x)
+
+
+def pil_color_jitter(image: Image.Image, params: Dict[str, Any]) -> Image.Image:
+    """``v2.ColorJitter.transform(image, params)`` for an RGB PIL image, with ``params`` from its
+    ``make_params``: the same PIL kernels in the drawn order, called without v2's dispatch. The
+    contrast's grey level is ``ImageEnhance.Contrast``'s, the rounded mean of PIL's luma, here summed
+    from its histogram in integers (exact; ``ImageStat`` sums it in a Python loop)."""
+    factors = (params["brightness_factor"], params["contrast_factor"], params["saturation_factor"],
+               params["hue_factor"])
+    for fn_id in params["fn_idx"].tolist():
+        factor = factors[fn_id]
+        if factor is None:
+            continue
+        if fn_id == 0:
+            image = ImageEnhance.Brightness(image).enhance(factor)
+        elif fn_id == 1:
+            histogram = np.array(image.convert("L").histogram(), dtype=np.int64)
+            mean = int(int(histogram @ np.arange(256)) / int(histogram.sum()) + 0.5)
+            image = Image.blend(Image.new("RGB", image.size, (mean,) * 3), image, factor)
+        elif fn_id == 2:
+            image = ImageEnhance.Color(image).enhance(factor)
+        else:
+            image = v2.functional.adjust_hue(image, factor)
+    return image
 
 
 def _fused_steps(view: v2.Compose) -> Tuple[Any, ...]:
@@ -144,9 +165,8 @@ class MultiCropTransform:
         torch_resize: crop and resize a ``uint8`` tensor with torch's kernel (rounding differs from PIL).
         draft: let the JPEG decoder downscale where that is safe (:meth:`decode_size`).
         jpeg_decoder: ``"pil"`` or ``"torchvision"`` (needs ``torch_resize``; :mod:`ssl_vit.data.transforms`).
-        fused_views: run the views without v2's per-transform dispatch, the local views' blur batched
-            (needs ``torch_resize``; the views equal the v2 chain's but for the batched blur's float
-            summation order).
+        fused_views: run the views without v2's per-transform dispatch (needs ``torch_resize``; the
+            views are the v2 chain's, bit for bit).
 
     Returns (``__call__``):
         ``[global_1, global_2, local_1, ..., local_N]``: float32 tensors ``[3, global_size,
@@ -241,44 +261,38 @@ class MultiCropTransform:
         """``[view(x) for view in self.views]`` for a channels-last ``uint8`` ``x``, each v2 step's
         ``make_params`` and kernel called directly: the same draws from torch's generator in the same
         order (the ``RandomApply`` / ``_RandomApplyTransform`` test ``rand < p`` included) and the same
-        kernels (PIL's for the colour jitter and grayscale), without the per-transform dispatch and its
-        PIL <-> tensor conversions. The local views' blur (their last step) runs as one batch of
-        :func:`gaussian_blur`, and all local views are normalised in one pass; only the batched blur's
-        float summation order differs from the chain (a pixel at most one level)."""
-        views: List[Tensor] = []
-        blur_later: List[Tuple[int, float]] = []  # (view index, sigma) of the local views to blur
+        kernels (PIL's for the colour jitter and grayscale, :func:`pil_color_jitter`), without the
+        per-transform dispatch and its PIL <-> tensor conversions.
+
+        Each view stays channels-last (PIL's layout) from the crop through the colour operations and
+        turns into float32 ``[3, s, s]`` once, into the buffer it is returned in; the blur, solarisation
+        and normalisation then run on those integer-valued floats (the values the chain has as
+        ``uint8``), the local views normalised in one pass. The views are the chain's, bit for bit."""
+        views = [torch.empty(3, self.global_size, self.global_size) for _ in self.views[:2]]
+        local = torch.empty(len(self.views) - 2, 3, self.local_size, self.local_size)
+        views += list(local.unbind(0))
         for i, (crop, flip, jitter, gray, blur, solarize) in enumerate(self._view_steps):
-            y = crop_and_flip(x, crop, flip)  # uint8 [3, s, s]
+            y = crop_and_flip(x, crop, flip, channels_last=True)  # uint8 [3, s, s], channels-last
             # PIL's kernels, as the chain (which hands PIL every view; here only the views they change)
             image: Optional[Image.Image] = None
             if torch.rand(1).item() < jitter.p:
                 image = Image.fromarray(y.permute(1, 2, 0).contiguous().numpy())
-                image = jitter.transforms[0].transform(image, jitter.transforms[0].make_params([image]))
-            if torch.rand(1).item() < gray.p:
+                image = pil_color_jitter(image, jitter.transforms[0].make_params([image]))
+            if torch.rand(1).item() < gray.p:  # v2.RandomGrayscale on RGB: PIL's luma on all three channels
                 image = image if image is not None else Image.fromarray(y.permute(1, 2, 0).contiguous().numpy())
-                image = gray.transform(image, gray.make_params([image]))
-            if image is not None:
+                y = torch.from_numpy(np.array(image.convert("L"))).expand(3, -1, -1)
+            elif image is not None:
                 y = to_channels_last_uint8(image)
+            view = views[i].copy_(y)  # the one uint8 -> float32 conversion, into [3, s, s] layout
             if torch.rand(1).item() < blur.p:
                 gauss = blur.transforms[0]
                 sigma = gauss.make_params([y])["sigma"][0]
-                if i < 2:
-                    y = separable_blur(y, gauss.kernel_size[0], sigma)
-                else:
-                    blur_later.append((i, sigma))
+                view.copy_(separable_blur_float(view, gauss.kernel_size[0], sigma))
             if solarize is not None and torch.rand(1).item() < solarize.p:
-                y = v2.functional.solarize(y, solarize.threshold)
-            views.append(y)
-        if blur_later:
-            index = [i for i, _ in blur_later]
-            batch = torch.stack([views[i] for i in index]).float()  # [n, 3, s, s]
-            sigma = torch.tensor([s for _, s in blur_later])
-            blurred = gaussian_blur(batch, sigma, blur_kernel_size(self.local_size)).to(torch.uint8)
-            for i, b in zip(index, blurred):
-                views[i] = b
+                view.copy_(_solarize_float(view, solarize.threshold))
         out = [self._normalise(v) for v in views[:2]]
         if len(views) > 2:
-            out += list(self._normalise(torch.stack(views[2:])).unbind(0))
+            out += list(self._normalise(local).unbind(0))
         return out
 
     def _normalise(self, x: Tensor) -> Tensor:

@@ -6,10 +6,12 @@ import pytest
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.transforms import v2
 
 from ssl_vit.data import EvalTransform, PretrainTransform
 from ssl_vit.data.decode import decode_sample, open_image, to_rgb
 from ssl_vit.data.gpu_augment import MultiCropCrops
+from ssl_vit.data.transforms import crop_and_flip
 
 
 def normalise(pixels: np.ndarray, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
@@ -168,6 +170,30 @@ def test_draft_decoding_keeps_the_output_distribution():
     full, drafted = stats(None), stats(t.decode_size)
     assert bad(full, drafted) == []
     assert 7 in bad(full, stats(lambda w, h: (w // 4, h // 4)))  # 64x48: the texture is gone (roughness)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_crop_and_flip_is_the_v2_crop_and_flip_in_the_layout_asked(channels_last):
+    """The direct call of torch's uint8 kernel gives v2's pixels and draws for every box, the full-size
+    box (v2 returns the crop itself) included; ``[C, H, W]``-contiguous views by default (what
+    ``torch.stack`` copies fastest), channels-last ones when asked of a channels-last image."""
+    pixels = random_image(37, 53, seed=4)
+    channels_last_image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    images = [channels_last_image, channels_last_image.contiguous()]
+    crops = [v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+             for size, scale in ((24, (0.05, 1.0)), (37, (1.0, 1.0)), (9, (0.05, 0.4)))]
+    flip = v2.RandomHorizontalFlip(0.5)
+    for x in images:
+        for crop in crops:
+            for seed in range(12):
+                torch.manual_seed(seed)
+                got, after = crop_and_flip(x, crop, flip, channels_last=channels_last), torch.rand(1)
+                torch.manual_seed(seed)
+                want, after_v2 = flip(crop(x)), torch.rand(1)
+                assert torch.equal(got, want) and after == after_v2, (tuple(x.stride()), crop.size, seed)
+                if got.shape[-2:] != x.shape[-2:]:  # resampled (not the image itself)
+                    cl = channels_last and x.stride(0) == 1
+                    assert got.stride() == ((1, 3 * got.shape[2], 3) if cl else got.contiguous().stride())
 
 
 def test_pretrain_torch_resize_calls_its_chain_directly_with_the_same_draws():
