@@ -10,6 +10,7 @@ from ssl_vit.checkpoints.load import load_backbone
 from ssl_vit.cli import main as cli_main
 from ssl_vit.cli import run_lightning
 from ssl_vit.data.gpu_augment import MultiCropGPUAugment
+from ssl_vit.data.multicrop import NormaliseViews
 from ssl_vit.methods.dino import DINO
 from ssl_vit.models.backbone import VIT_SIZES
 
@@ -45,6 +46,29 @@ def test_smoke_recipe_with_device_side_augmentation(shards, tmp_path, monkeypatc
         "--data.train_transform.class_path", "ssl_vit.data.gpu_augment.MultiCropCrops",
     ])
     assert isinstance(cli.model.augment, MultiCropGPUAugment)
+    assert len(seen) == 2
+    for views in seen:
+        assert [dtype for dtype, _, _ in views] == [torch.float32] * 4
+        assert [size for _, size, _ in views] == [(32, 32)] * 2 + [(16, 16)] * 2
+        assert all(abs(mean) < 3 for _, _, mean in views)  # normalised, not 0..255
+
+
+def test_smoke_recipe_with_uint8_views_normalised_on_the_device(shards, tmp_path, monkeypatch):
+    """``MultiCropTransform(uint8_views=True)`` from the command line: the loader yields uint8 views and
+    DINO normalises them where the batch lands; the step sees the normalised float views."""
+    seen, step = [], DINO.training_step
+
+    def recording_step(self, batch, batch_idx):
+        seen.append([(v.dtype, tuple(v.shape[-2:]), float(v.mean())) for v in batch[0]])
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(DINO, "training_step", recording_step)
+    switches = [f"--data.train_transform.init_args.{name}=true" for name in ("torch_resize", "fused_views", "uint8_views")]
+    cli = run_lightning([
+        "fit", "--config", SMOKE, "--data.train", shards, "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.max_steps", "2", *switches,
+    ])
+    assert isinstance(cli.model.augment, NormaliseViews) and cli.datamodule.train_transform.uint8_views
     assert len(seen) == 2
     for views in seen:
         assert [dtype for dtype, _, _ in views] == [torch.float32] * 4

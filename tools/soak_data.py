@@ -93,10 +93,12 @@ def summary(values: List[float]) -> Dict[str, float]:
 def make_transform(args: argparse.Namespace) -> Any:
     """The ``--transform`` with the speed switches (ValueError for a combination it refuses)."""
     switches = dict(torch_resize=args.torch_resize, draft=args.draft, jpeg_decoder=args.jpeg_decoder)
-    if args.fused_views:
-        if args.transform != "multicrop":
-            raise ValueError(f"--fused-views is a switch of the multicrop transform, not of {args.transform}")
-        switches["fused_views"] = True
+    for switch in ("fused_views", "uint8_views"):  # the full CPU multi-crop's own switches
+        if getattr(args, switch):
+            if args.transform != "multicrop":
+                flag = "--" + switch.replace("_", "-")
+                raise ValueError(f"{flag} is a switch of the multicrop transform, not of {args.transform}")
+            switches[switch] = True
     if args.transform in ("multicrop", "crops"):
         crops = MultiCropCrops if args.transform == "crops" else MultiCropTransform
         return crops(global_size=args.size, local_size=args.size // 2, num_local=args.num_local, **switches)
@@ -142,7 +144,7 @@ def soak(shards: str, args: argparse.Namespace) -> Dict:
         "samples_per_epoch": batches * args.batch_size,
         "transform": args.transform,
         "switches": {"torch_resize": args.torch_resize, "draft": args.draft, "jpeg_decoder": args.jpeg_decoder,
-                     "fused_views": args.fused_views},
+                     "fused_views": args.fused_views, "uint8_views": args.uint8_views},
         "seconds": round(time.perf_counter() - start, 1),
         "total_rss_mib": summary(series["total_rss"]),
         "total_pss_mib": summary(series["total_pss"]),
@@ -171,6 +173,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="the transform's jpeg_decoder switch (torchvision needs --torch-resize) (default pil)")
     parser.add_argument("--fused-views", action="store_true",
                         help="multicrop's fused_views switch (needs --torch-resize)")
+    parser.add_argument("--uint8-views", action="store_true",
+                        help="multicrop's uint8_views switch (needs --fused-views): views collated as uint8")
     args = parser.parse_args(argv)
     if not Path("/proc/self/status").exists():
         parser.error("reads memory from /proc: Linux only")

@@ -45,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                    help="DINO with --data SHARDS: crops on CPU, colour/blur/solarise batched on the device")
     p.add_argument("--fast-data", action="store_true",
                    help="with --data SHARDS: the transforms' speed switches (torch_resize, draft, the torchvision JPEG "
-                        "decoder; fused_views on the CPU multi-crop)")
+                        "decoder; fused_views and uint8_views on the CPU multi-crop)")
     p.add_argument("--sync-debug", action="store_true",
                    help="fail on any host-device synchronisation in the timed steps (CUDA)")
     p.add_argument("--find-max-batch", action="store_true",

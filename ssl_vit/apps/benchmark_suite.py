@@ -64,7 +64,8 @@ class Row:
 
 _MAE_B = dict(method="mae", arch="vit_base_patch16", batch_size=256)
 _DINO_S = dict(method="dino", arch="vit_small_patch16", batch_size=128, local_crops=10)
-# 2048 shard images: 8 batches of 256 (one epoch); the transforms' speed switches on (fused_views on the CPU multi-crop)
+# 2048 shard images: 8 batches of 256 (one epoch); the transforms' speed switches on (fused_views and uint8_views
+# on the CPU multi-crop)
 _E2E = dict(warmup=2, steps=6, workers=16, fast_data=True)
 GPU_ROWS: List[Row] = [
     Row("mae-b16-bf16", "MAE ViT-B/16, 224, mask 0.75, norm_pix, bf16", _MAE_B, 25,
@@ -78,7 +79,7 @@ GPU_ROWS: List[Row] = [
     Row("dino-s16-b128-shards-gpuaug", "DINO ViT-S/16 from JPEG shards, device augmentation, compiled, fast data",
         {**_DINO_S, **_E2E, "steps": 10, "compile": True, "gpu_augment": True}, 60, target="≥ 90% of synthetic",
         shards=True),
-    Row("dino-s16-b128-shards-cpu", "DINO ViT-S/16 from JPEG shards, CPU augmentation, fast data (`fused_views`)",
+    Row("dino-s16-b128-shards-cpu", "DINO ViT-S/16 from JPEG shards, CPU augmentation, fast data (`fused_views`, `uint8_views`)",
         {**_DINO_S, **_E2E, "steps": 10}, 45, target="≥ 90% of synthetic", shards=True),
     Row("mae-b16-shards", "MAE ViT-B/16 from JPEG shards, 16 workers, fast data", {**_MAE_B, **_E2E}, 35,
         target="≥ 90% of synthetic", shards=True),

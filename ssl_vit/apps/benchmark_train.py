@@ -123,7 +123,7 @@ def synthetic_loader(cfg: BenchConfig, length: int) -> DataLoader:
 
 def shard_datamodule(cfg: BenchConfig) -> pl.LightningDataModule:
     """The shard data module; with ``fast_data`` the transforms' speed switches (docs/benchmarks.md),
-    ``fused_views`` on the full CPU multi-crop."""
+    ``fused_views`` and ``uint8_views`` on the full CPU multi-crop."""
     fast = dict(TVDECODE) if cfg.fast_data else {}  # the switches of the data benchmark's fastest rows
     if cfg.method == "mae":
         transform: Any = PretrainTransform(size=cfg.img_size, **fast)
@@ -132,7 +132,8 @@ def shard_datamodule(cfg: BenchConfig) -> pl.LightningDataModule:
                                    **fast)
     else:  # everything on the CPU
         transform = MultiCropTransform(global_size=cfg.global_size, local_size=cfg.local_size,
-                                       num_local=cfg.local_crops, fused_views=cfg.fast_data, **fast)
+                                       num_local=cfg.local_crops, fused_views=cfg.fast_data,
+                                       uint8_views=cfg.fast_data, **fast)
     return ShardDataModule(train=cfg.data, batch_size=cfg.batch_size, num_workers=cfg.workers, train_transform=transform)
 
 

@@ -97,6 +97,8 @@ class MultiCropCrops(MultiCropTransform):
                 "MultiCropCrops: fused_views applies to the CPU colour operations, which MultiCropCrops leaves to "
                 "the device (MultiCropGPUAugment): drop fused_views"
             )
+        if kwargs.get("uint8_views"):
+            raise ValueError("MultiCropCrops: its views are always uint8 (MultiCropGPUAugment normalises them): drop uint8_views")
         super().__init__(*args, **kwargs)
         self.views = [_crop_and_flip(view) for view in self.views]
 
@@ -369,16 +371,17 @@ class MultiCropGPUAugment(nn.Module):
 
 
 # -- LightningModule glue ------------------------------------------------------------------------------
-def device_augment_for(
-    transform: Any, seed: Optional[int] = None, compile: bool = False
-) -> Optional[MultiCropGPUAugment]:
-    """The device augmentation a training transform needs: ``transform.device_augment(...)`` for a
-    :class:`MultiCropCrops`, ``None`` for anything else (it augments on the CPU)."""
-    return transform.device_augment(seed, compile) if isinstance(transform, MultiCropCrops) else None
+def device_augment_for(transform: Any, seed: Optional[int] = None, compile: bool = False) -> Optional[nn.Module]:
+    """What a training transform leaves to the device: ``transform.device_augment(seed, compile)``
+    where it has one (:class:`MultiCropCrops`: :class:`MultiCropGPUAugment`; ``MultiCropTransform``
+    with ``uint8_views``: ``NormaliseViews``), ``None`` where it does everything on the CPU."""
+    device_augment = getattr(transform, "device_augment", None)
+    return device_augment(seed, compile) if device_augment is not None else None
 
 
-def augment_batch(batch: Any, augment: Optional[MultiCropGPUAugment]) -> Any:
-    """``on_after_batch_transfer`` body: ``(views, labels)`` with uint8 views -> augmented views.
+def augment_batch(batch: Any, augment: Optional[nn.Module]) -> Any:
+    """``on_after_batch_transfer`` body: ``(views, labels)`` with uint8 views -> augmented views
+    (or only normalised ones, ``NormaliseViews``).
 
     A batch whose images are one tensor (validation) passes unchanged, as do float views when
     ``augment`` is ``None`` (the CPU transform augmented them).
@@ -395,13 +398,15 @@ def augment_batch(batch: Any, augment: Optional[MultiCropGPUAugment]) -> Any:
     if all(raw) and views:
         if augment is None:
             raise ValueError(
-                "augment_batch: the views are uint8 crops (ssl_vit.data.gpu_augment.MultiCropCrops) but no "
-                "device augmentation is set: build it with device_augment_for(datamodule.train_transform)"
+                "augment_batch: the views are uint8 (ssl_vit.data.gpu_augment.MultiCropCrops, or MultiCropTransform "
+                "with uint8_views) but no device augmentation is set: build it with "
+                "device_augment_for(datamodule.train_transform)"
             )
         return type(batch)([augment(views), labels])
     if augment is not None:
         raise ValueError(
             f"augment_batch: device augmentation is set but the views are already {views[0].dtype} (augmented by "
-            "the CPU transform): use ssl_vit.data.gpu_augment.MultiCropCrops as data.train_transform"
+            "the CPU transform): use ssl_vit.data.gpu_augment.MultiCropCrops (or MultiCropTransform with "
+            "uint8_views) as data.train_transform"
         )
     return batch

@@ -31,15 +31,19 @@ stays at full resolution (:meth:`MultiCropTransform.decode_size`); ``jpeg_decode
 kernels directly (the same draws, in the same order, and the same PIL colour kernels), keeps each view
 channels-last from the crop to PIL, turns it into float32 once and normalises the local views in one
 pass (:meth:`MultiCropTransform._fused_views`); its views are the chain's, bit for bit.
+``uint8_views`` (with ``fused_views``) returns the views before normalisation, as ``uint8``
+``[3, s, s]`` (a quarter of the bytes to collate, share between processes, pin and copy), and
+:meth:`MultiCropTransform.device_augment` gives the module that normalises them where the batch lands
+(:class:`NormaliseViews`: the same operations, so the same floats).
 """
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-import numpy as np
 from PIL import Image, ImageEnhance
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from ssl_vit.data.transforms import (
@@ -100,11 +104,6 @@ class SeparableGaussianBlur(v2.GaussianBlur):
         return super().transform(inpt, params)
 
 
-def _solarize_float(x: Tensor, threshold: float) -> Tensor:
-    """``v2.functional.solarize`` of integer-valued float pixels in [0, 255], as on ``uint8``."""
-    return torch.where(x >= threshold, 255 - x, x)
-
-
 def pil_color_jitter(image: Image.Image, params: Dict[str, Any]) -> Image.Image:
     """``v2.ColorJitter.transform(image, params)`` for an RGB PIL image, with ``params`` from its
     ``make_params``: the same PIL kernels in the drawn order, called without v2's dispatch. The
@@ -127,6 +126,32 @@ def pil_color_jitter(image: Image.Image, params: Dict[str, Any]) -> Image.Image:
         else:
             image = v2.functional.adjust_hue(image, factor)
     return image
+
+
+def normalise_views(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """``uint8`` (or integer-valued float) ``[..., 3, H, W]`` -> float32: ``v2.functional.to_dtype(scale=True)``
+    then ``normalize``, the same operations in the same order (in place on a float ``x``); ``mean`` and
+    ``std`` broadcast over the channels (``[3, 1, 1]``)."""
+    return x.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+
+
+class NormaliseViews(nn.Module):
+    """The device half of ``MultiCropTransform(uint8_views=True)``: a list of ``uint8`` view batches
+    ``[B, 3, s, s]`` -> the normalised float32 batches the CPU path would have made (the same
+    operations, :func:`normalise_views`). ``mean`` and ``std`` are buffers outside the state dict."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+
+    def forward(self, views: Sequence[Tensor]) -> List[Tensor]:
+        return [normalise_views(v, self.mean, self.std) for v in views]
+
+
+def _contiguous(x: Tensor) -> Tensor:
+    """``x`` copied ``[C, H, W]``-contiguous (numpy's strided copy: about twice torch's for ``uint8``)."""
+    return torch.from_numpy(np.ascontiguousarray(x.numpy()))
 
 
 def _fused_steps(view: v2.Compose) -> Tuple[Any, ...]:
@@ -167,10 +192,12 @@ class MultiCropTransform:
         jpeg_decoder: ``"pil"`` or ``"torchvision"`` (needs ``torch_resize``; :mod:`ssl_vit.data.transforms`).
         fused_views: run the views without v2's per-transform dispatch (needs ``torch_resize``; the
             views are the v2 chain's, bit for bit).
+        uint8_views: return the views as ``uint8``, not yet normalised (needs ``fused_views``); the
+            model normalises them on its device with :meth:`device_augment`'s :class:`NormaliseViews`.
 
     Returns (``__call__``):
         ``[global_1, global_2, local_1, ..., local_N]``: float32 tensors ``[3, global_size,
-        global_size]`` then ``[3, local_size, local_size]``.
+        global_size]`` then ``[3, local_size, local_size]`` (``uint8`` with ``uint8_views``).
     """
 
     def __init__(
@@ -189,6 +216,7 @@ class MultiCropTransform:
         draft: bool = False,
         jpeg_decoder: str = "pil",
         fused_views: bool = False,
+        uint8_views: bool = False,
     ) -> None:
         if global_size < 1 or local_size < 1:
             raise ValueError(
@@ -217,7 +245,13 @@ class MultiCropTransform:
                 f"{type(self).__name__}: fused_views=True blurs with separable_blur's kernel, but separable_blur=False "
                 "asks for v2.GaussianBlur's: drop one of the two"
             )
-        self.fused_views = bool(fused_views)
+        if uint8_views and not fused_views:
+            raise ValueError(
+                f"{type(self).__name__}: uint8_views=True needs fused_views=True (the fused views stop before the "
+                "normalisation; the v2 chain ends with it): set fused_views=True (with torch_resize=True) or "
+                "uint8_views=False"
+            )
+        self.fused_views, self.uint8_views = bool(fused_views), bool(uint8_views)
         blur = SeparableGaussianBlur if separable_blur else v2.GaussianBlur
         # with torch_resize the crop is a tensor: PIL takes it back for the colour operations (PIL's kernels)
         to_pil = [v2.ToPILImage()] if torch_resize else []
@@ -258,48 +292,58 @@ class MultiCropTransform:
         return [view(image) for view in self.views]
 
     def _fused_views(self, x: Tensor) -> List[Tensor]:
-        """``[view(x) for view in self.views]`` for a channels-last ``uint8`` ``x``, each v2 step's
-        ``make_params`` and kernel called directly: the same draws from torch's generator in the same
-        order (the ``RandomApply`` / ``_RandomApplyTransform`` test ``rand < p`` included) and the same
-        kernels (PIL's for the colour jitter and grayscale, :func:`pil_color_jitter`), without the
-        per-transform dispatch and its PIL <-> tensor conversions.
-
-        Each view stays channels-last (PIL's layout) from the crop through the colour operations and
-        turns into float32 ``[3, s, s]`` once, into the buffer it is returned in; the blur, solarisation
-        and normalisation then run on those integer-valued floats (the values the chain has as
-        ``uint8``), the local views normalised in one pass. The views are the chain's, bit for bit."""
-        views = [torch.empty(3, self.global_size, self.global_size) for _ in self.views[:2]]
-        local = torch.empty(len(self.views) - 2, 3, self.local_size, self.local_size)
-        views += list(local.unbind(0))
-        for i, (crop, flip, jitter, gray, blur, solarize) in enumerate(self._view_steps):
-            y = crop_and_flip(x, crop, flip, channels_last=True)  # uint8 [3, s, s], channels-last
-            # PIL's kernels, as the chain (which hands PIL every view; here only the views they change)
-            image: Optional[Image.Image] = None
-            if torch.rand(1).item() < jitter.p:
-                image = Image.fromarray(y.permute(1, 2, 0).contiguous().numpy())
-                image = pil_color_jitter(image, jitter.transforms[0].make_params([image]))
-            if torch.rand(1).item() < gray.p:  # v2.RandomGrayscale on RGB: PIL's luma on all three channels
-                image = image if image is not None else Image.fromarray(y.permute(1, 2, 0).contiguous().numpy())
-                y = torch.from_numpy(np.array(image.convert("L"))).expand(3, -1, -1)
-            elif image is not None:
-                y = to_channels_last_uint8(image)
-            view = views[i].copy_(y)  # the one uint8 -> float32 conversion, into [3, s, s] layout
-            if torch.rand(1).item() < blur.p:
-                gauss = blur.transforms[0]
-                sigma = gauss.make_params([y])["sigma"][0]
-                view.copy_(separable_blur_float(view, gauss.kernel_size[0], sigma))
-            if solarize is not None and torch.rand(1).item() < solarize.p:
-                view.copy_(_solarize_float(view, solarize.threshold))
-        out = [self._normalise(v) for v in views[:2]]
-        if len(views) > 2:
+        """``[view(x) for view in self.views]`` for a channels-last ``uint8`` ``x`` (:meth:`_fused_view`
+        each), normalised as the chain does (the local views in one pass), or ``uint8``
+        ``[3, s, s]``-contiguous with ``uint8_views``. The views are the chain's, bit for bit."""
+        pixels = [self._fused_view(x, *steps) for steps in self._view_steps]
+        if self.uint8_views:  # [3, s, s]-contiguous, what torch.stack copies fastest
+            return [p.to(torch.uint8) if p.is_floating_point() else _contiguous(p) for p in pixels]
+        out = [self._normalise(p.to(torch.float32, memory_format=torch.contiguous_format)) for p in pixels[:2]]
+        if len(pixels) > 2:
+            local = torch.empty(len(pixels) - 2, 3, self.local_size, self.local_size)
+            for buffer, p in zip(local, pixels[2:]):
+                buffer.copy_(p)
             out += list(self._normalise(local).unbind(0))
         return out
 
+    def _fused_view(self, x: Tensor, crop: v2.RandomResizedCrop, flip: v2.RandomHorizontalFlip,
+                    jitter: v2.RandomApply, gray: v2.RandomGrayscale, blur: v2.RandomApply,
+                    solarize: Optional[v2.RandomSolarize]) -> Tensor:
+        """One view's steps before the normalisation, each v2 step's ``make_params`` and kernel called
+        directly: the same draws from torch's generator in the same order (the ``RandomApply`` /
+        ``_RandomApplyTransform`` test ``rand < p`` included) and the same kernels (PIL's for the colour
+        jitter and grayscale, :func:`pil_color_jitter`), without the per-transform dispatch and its
+        PIL <-> tensor conversions. The view stays channels-last ``uint8`` (PIL's layout) from the crop
+        through the colour operations; a blurred view comes back as the integer-valued float32
+        ``[3, s, s]`` the blur computes (the values the chain has as ``uint8``)."""
+        y = crop_and_flip(x, crop, flip, channels_last=True)  # uint8 [3, s, s], channels-last
+        # PIL's kernels, as the chain (which hands PIL every view; here only the views they change)
+        image: Optional[Image.Image] = None
+        if torch.rand(1).item() < jitter.p:
+            image = Image.fromarray(y.permute(1, 2, 0).contiguous().numpy())
+            image = pil_color_jitter(image, jitter.transforms[0].make_params([image]))
+        if torch.rand(1).item() < gray.p:  # v2.RandomGrayscale on RGB: PIL's luma on all three channels
+            image = image if image is not None else Image.fromarray(y.permute(1, 2, 0).contiguous().numpy())
+            y = torch.from_numpy(np.array(image.convert("L"))).expand(3, -1, -1)
+        elif image is not None:
+            y = to_channels_last_uint8(image)
+        if torch.rand(1).item() < blur.p:
+            gauss = blur.transforms[0]
+            sigma = gauss.make_params([y])["sigma"][0]
+            y = separable_blur_float(y.to(torch.float32, memory_format=torch.contiguous_format),
+                                     gauss.kernel_size[0], sigma)
+        if solarize is not None and torch.rand(1).item() < solarize.p:
+            y = torch.where(y >= solarize.threshold, 255 - y, y)  # v2.functional.solarize, on either dtype
+        return y
+
     def _normalise(self, x: Tensor) -> Tensor:
-        """``uint8`` ``[..., 3, H, W]`` -> float32: ``v2.functional.to_dtype(scale=True)`` then
-        ``normalize``, the same operations in the same order, in place."""
-        mean, std = self._mean_std
-        return x.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+        """``uint8`` (or integer-valued float) ``[..., 3, H, W]`` -> float32 (:func:`normalise_views`)."""
+        return normalise_views(x, *self._mean_std)
+
+    def device_augment(self, seed: Optional[int] = None, compile: bool = False) -> Optional["NormaliseViews"]:
+        """What the model runs on the views where the batch lands (``seed`` and ``compile`` are for the
+        crops-only path's augmentation): with ``uint8_views``, their normalisation; else nothing."""
+        return NormaliseViews(self.mean, self.std) if self.uint8_views else None
 
     def _checked(self, image: Any) -> Any:
         """``image`` as an RGB PIL image or a ``uint8`` ``[3, H, W]`` tensor, or a clear error."""

@@ -26,10 +26,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from timm.layers import trunc_normal_
-from torch import Tensor
+from torch import Tensor, nn
 
 from ssl_vit.checkpoints.format import CHECKPOINT_KEY, stage_metadata
-from ssl_vit.data.gpu_augment import MultiCropGPUAugment, augment_batch, device_augment_for
+from ssl_vit.data.gpu_augment import augment_batch, device_augment_for
 from ssl_vit.losses.dino import DINOLoss, teacher_stats
 from ssl_vit.losses.koleo import koleo_loss
 from ssl_vit.methods.base import ScheduledModule, param_groups
@@ -138,7 +138,8 @@ class DINO(ScheduledModule):
 
     Augmentation on the device: when the datamodule's ``train_transform`` is ``MultiCropCrops`` (crops
     and flips only, uint8 views), colour jitter, grayscale, blur, solarisation and normalisation run
-    batched on the device in ``on_after_batch_transfer``, with the CPU path's distribution.
+    batched on the device in ``on_after_batch_transfer``, with the CPU path's distribution; when it is
+    ``MultiCropTransform(uint8_views=True)``, only the normalisation runs there (the same floats).
     """
 
     def __init__(
@@ -223,7 +224,7 @@ class DINO(ScheduledModule):
         configure_blocks(self.student.backbone, compile_blocks, grad_checkpointing)
         configure_blocks(self.teacher.backbone, compile_blocks)
         self.compile_augment = compile_augment
-        self.augment: Optional[MultiCropGPUAugment] = None  # set in setup() from the train transform
+        self.augment: Optional[nn.Module] = None  # set in setup() from the train transform
         self.loss = DINOLoss(out_dim, center_momentum)
 
         self.student_temp = student_temp
@@ -245,7 +246,8 @@ class DINO(ScheduledModule):
         self.augment = device_augment_for(transform, seed=torch.initial_seed() % 2**31, compile=self.compile_augment)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Device-side augmentation of uint8 crop batches (``MultiCropCrops``); others pass through."""
+        """Device-side augmentation of uint8 view batches (``MultiCropCrops``; the normalisation only for
+        ``MultiCropTransform(uint8_views=True)``); others pass through."""
         if self._trainer is not None and self.trainer.training:
             batch = augment_batch(batch, self.augment)
         return batch

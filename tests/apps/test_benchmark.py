@@ -174,7 +174,8 @@ def test_fast_data_turns_on_each_transforms_speed_switches():
 
     cpu, crops, mae = (transform(method="dino", fast_data=True), transform(method="dino", fast_data=True, gpu_augment=True),
                        transform(method="mae", fast_data=True))
-    assert type(cpu) is MultiCropTransform and cpu.fused_views and isinstance(crops, MultiCropCrops)
+    assert type(cpu) is MultiCropTransform and cpu.fused_views and cpu.uint8_views and isinstance(crops, MultiCropCrops)
     assert all(t.torch_resize and t.draft and t.jpeg_decoder == "torchvision" for t in (cpu, crops, mae))
     default = transform(method="dino")
-    assert not (default.fused_views or default.torch_resize or default.draft) and default.jpeg_decoder == "pil"
+    assert not (default.fused_views or default.uint8_views or default.torch_resize or default.draft)
+    assert default.jpeg_decoder == "pil"

@@ -64,3 +64,9 @@ def test_bad_arguments_are_refused(tool, capsys):
     with pytest.raises(SystemExit):
         tool["main"](["--fused-views", "--torch-resize", "--transform", "pretrain"])
     assert "--fused-views is a switch of the multicrop transform, not of pretrain" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool["main"](["--uint8-views", "--torch-resize"])  # without --fused-views
+    assert "uint8_views=True needs fused_views=True" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool["main"](["--uint8-views", "--transform", "crops"])
+    assert "--uint8-views is a switch of the multicrop transform, not of crops" in capsys.readouterr().err

@@ -294,6 +294,9 @@ def test_augment_batch_and_device_augment_for():
     aug = G.device_augment_for(G.MultiCropCrops(8, 4, num_local=1, mean=(0.5,) * 3, std=(0.25,) * 3))
     assert isinstance(aug, G.MultiCropGPUAugment) and aug.std.flatten().tolist() == [0.25] * 3
     assert G.device_augment_for(MultiCropTransform(8, 4, num_local=1)) is None
+    assert G.device_augment_for(object()) is None  # a transform without a device half
+    uint8_views = MultiCropTransform(8, 4, num_local=1, torch_resize=True, fused_views=True, uint8_views=True)
+    assert type(G.device_augment_for(uint8_views)).__name__ == "NormaliseViews"
     labels = torch.arange(3)
     raw = [uint8_batch(3, 8), uint8_batch(3, 8, seed=1), uint8_batch(3, 4)]
     views, out_labels = G.augment_batch((raw, labels), aug)

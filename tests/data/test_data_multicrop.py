@@ -6,7 +6,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from ssl_vit.data.multicrop import (
-    MultiCropTransform, SeparableGaussianBlur, blur_kernel_size, pil_color_jitter, separable_blur,
+    MultiCropTransform, NormaliseViews, SeparableGaussianBlur, blur_kernel_size, pil_color_jitter, separable_blur,
 )
 from ssl_vit.data.transforms import min_crop_side
 
@@ -192,6 +192,33 @@ def test_fused_views_are_the_chains_views_with_the_same_draws(num_local, hflip):
         assert all(torch.equal(x, y) for x, y in zip(a, b)), seed
 
 
+def test_uint8_views_normalised_where_the_batch_lands_are_the_fused_views():
+    """``uint8_views`` stops before the normalisation: ``uint8`` ``[3, s, s]``-contiguous views, the same
+    draws; its ``device_augment`` (``NormaliseViews``) on the collated batches gives the float views'
+    very values, and keeps nothing in a state dict."""
+    kwargs = dict(global_size=40, local_size=16, num_local=4, torch_resize=True, fused_views=True,
+                  mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    floats, raw = MultiCropTransform(**kwargs), MultiCropTransform(**kwargs, uint8_views=True)
+    normalise = raw.device_augment()
+    assert isinstance(normalise, NormaliseViews) and floats.device_augment() is None
+    assert dict(normalise.state_dict()) == {}
+    batches_f, batches_u = [], []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        a, after_f = floats(photo(90, 70, seed=seed)), torch.rand(1)
+        torch.manual_seed(seed)
+        b, after_u = raw(photo(90, 70, seed=seed)), torch.rand(1)
+        assert after_f == after_u
+        assert all(v.dtype == torch.uint8 and v.is_contiguous() for v in b)
+        batches_f.append(a)
+        batches_u.append(b)
+    collated = [torch.stack(views) for views in zip(*batches_u)]
+    for got, want in zip(normalise(collated), zip(*batches_f)):
+        assert torch.equal(got, torch.stack(want))
+    with pytest.raises(ValueError, match="uint8_views=True needs fused_views=True"):
+        MultiCropTransform(32, 16, 2, torch_resize=True, uint8_views=True)
+
+
 def test_fused_views_come_contiguous_for_the_collate():
     """Each fused view is its own ``[3, s, s]``-contiguous float32 tensor (one local buffer, unbound):
     ``torch.stack`` in the collate then copies plain memory (3x slower from channels-last views)."""
@@ -228,6 +255,8 @@ def test_fused_views_needs_torch_resize_and_is_refused_by_the_crops_only_path():
         MultiCropTransform(32, 16, 2, torch_resize=True, separable_blur=False, fused_views=True)
     with pytest.raises(ValueError, match="MultiCropCrops: fused_views"):
         MultiCropCrops(32, 16, 2, torch_resize=True, fused_views=True)
+    with pytest.raises(ValueError, match="MultiCropCrops: its views are always uint8"):
+        MultiCropCrops(32, 16, 2, torch_resize=True, uint8_views=True)
     t = MultiCropTransform(32, 16, 2, torch_resize=True, fused_views=True)
     uint8 = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
     assert [tuple(v.shape) for v in t(uint8)] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
