@@ -63,7 +63,8 @@ def test_smoke_recipe_with_uint8_views_normalised_on_the_device(shards, tmp_path
         return step(self, batch, batch_idx)
 
     monkeypatch.setattr(DINO, "training_step", recording_step)
-    switches = [f"--data.train_transform.init_args.{name}=true" for name in ("torch_resize", "fused_views", "uint8_views")]
+    switches = [f"--data.train_transform.init_args.{name}=true"
+                for name in ("torch_resize", "fused_views", "uint8_views")]
     cli = run_lightning([
         "fit", "--config", SMOKE, "--data.train", shards, "--trainer.default_root_dir", str(tmp_path),
         "--trainer.max_steps", "2", *switches,

@@ -123,8 +123,8 @@ PIPELINES: Dict[str, tuple] = {
         MultiCropTransform(num_local=LOCAL_CROPS, **TVDECODE))),
     "dino-cpu-fused": ("MultiCropTransform, torch_resize + draft + jpeg_decoder='torchvision' + fused_views",
                        lambda: _ours(MultiCropTransform(num_local=LOCAL_CROPS, fused_views=True, **TVDECODE))),
-    "dino-cpu-uint8": ("MultiCropTransform, torch_resize + draft + jpeg_decoder='torchvision' + fused_views + uint8_views "
-                       "(normalised on the device)", lambda: _ours(MultiCropTransform(
+    "dino-cpu-uint8": ("MultiCropTransform, torch_resize + draft + jpeg_decoder='torchvision' + fused_views + "
+                       "uint8_views (normalised on the device)", lambda: _ours(MultiCropTransform(
                            num_local=LOCAL_CROPS, fused_views=True, uint8_views=True, **TVDECODE))),
     "dino-crops": ("MultiCropCrops (crops only), defaults", lambda: _ours(MultiCropCrops(num_local=LOCAL_CROPS))),
     "dino-crops-fast": ("MultiCropCrops, torch_resize + draft", lambda: _ours(

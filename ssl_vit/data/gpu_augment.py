@@ -98,7 +98,9 @@ class MultiCropCrops(MultiCropTransform):
                 "the device (MultiCropGPUAugment): drop fused_views"
             )
         if kwargs.get("uint8_views"):
-            raise ValueError("MultiCropCrops: its views are always uint8 (MultiCropGPUAugment normalises them): drop uint8_views")
+            raise ValueError(
+                "MultiCropCrops: its views are always uint8 (MultiCropGPUAugment normalises them): drop uint8_views"
+            )
         super().__init__(*args, **kwargs)
         self.views = [_crop_and_flip(view) for view in self.views]
 
