@@ -340,7 +340,7 @@ class MultiCropTransform:
         """``uint8`` (or integer-valued float) ``[..., 3, H, W]`` -> float32 (:func:`normalise_views`)."""
         return normalise_views(x, *self._mean_std)
 
-    def device_augment(self, seed: Optional[int] = None, compile: bool = False) -> Optional["NormaliseViews"]:
+    def device_augment(self, seed: Optional[int] = None, compile: bool = False) -> Optional[NormaliseViews]:
         """What the model runs on the views where the batch lands (``seed`` and ``compile`` are for the
         crops-only path's augmentation): with ``uint8_views``, their normalisation; else nothing."""
         return NormaliseViews(self.mean, self.std) if self.uint8_views else None
