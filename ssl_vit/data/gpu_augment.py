@@ -28,7 +28,7 @@ kernels and move ~50 GB per batch of 128 at 2 x 224 + 10 x 96 (~20 ms of H100 me
 the blur in TF32 (``torch.backends.cudnn.allow_tf32``, on by default), so a blurred pixel may round
 one level away from the CPU result; the distribution is unchanged.
 
-Integration (DINO)::
+Integration (DINO; :mod:`ssl_vit.data.device_augment` has the two functions)::
 
     def setup(self, stage):                       # the transform says whether the device augments
         transform = getattr(self.trainer.datamodule, "train_transform", None)
@@ -370,45 +370,3 @@ class MultiCropGPUAugment(nn.Module):
 
     def extra_repr(self) -> str:
         return f"blur_sigma={self.blur_sigma}, seed={self.seed}, compile={self.compile}"
-
-
-# -- LightningModule glue ------------------------------------------------------------------------------
-def device_augment_for(transform: Any, seed: Optional[int] = None, compile: bool = False) -> Optional[nn.Module]:
-    """What a training transform leaves to the device: ``transform.device_augment(seed, compile)``
-    where it has one (:class:`MultiCropCrops`: :class:`MultiCropGPUAugment`; ``MultiCropTransform``
-    with ``uint8_views``: ``NormaliseViews``), ``None`` where it does everything on the CPU."""
-    device_augment = getattr(transform, "device_augment", None)
-    return device_augment(seed, compile) if device_augment is not None else None
-
-
-def augment_batch(batch: Any, augment: Optional[nn.Module]) -> Any:
-    """``on_after_batch_transfer`` body: ``(views, labels)`` with uint8 views -> augmented views
-    (or only normalised ones, ``NormaliseViews``).
-
-    A batch whose images are one tensor (validation) passes unchanged, as do float views when
-    ``augment`` is ``None`` (the CPU transform augmented them).
-
-    Raises:
-        ValueError: uint8 views without ``augment``, float views with it, or a mix of both.
-    """
-    if not isinstance(batch, (list, tuple)) or len(batch) != 2 or not isinstance(batch[0], (list, tuple)):
-        return batch
-    views, labels = batch
-    raw = [v.dtype == torch.uint8 for v in views]
-    if any(raw) and not all(raw):
-        raise ValueError(f"augment_batch: views mix uint8 and other dtypes {[v.dtype for v in views]}")
-    if all(raw) and views:
-        if augment is None:
-            raise ValueError(
-                "augment_batch: the views are uint8 (ssl_vit.data.gpu_augment.MultiCropCrops, or MultiCropTransform "
-                "with uint8_views) but no device augmentation is set: build it with "
-                "device_augment_for(datamodule.train_transform)"
-            )
-        return type(batch)([augment(views), labels])
-    if augment is not None:
-        raise ValueError(
-            f"augment_batch: device augmentation is set but the views are already {views[0].dtype} (augmented by "
-            "the CPU transform): use ssl_vit.data.gpu_augment.MultiCropCrops (or MultiCropTransform with "
-            "uint8_views) as data.train_transform"
-        )
-    return batch

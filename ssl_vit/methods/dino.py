@@ -29,7 +29,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ssl_vit.checkpoints.format import CHECKPOINT_KEY, stage_metadata
-from ssl_vit.data.gpu_augment import augment_batch, device_augment_for
+from ssl_vit.data.device_augment import augment_batch, device_augment_for
 from ssl_vit.losses.dino import DINOLoss, teacher_stats
 from ssl_vit.losses.koleo import koleo_loss
 from ssl_vit.methods.base import ScheduledModule, param_groups

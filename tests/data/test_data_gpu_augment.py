@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ssl_vit.data import gpu_augment as G
+from ssl_vit.data.device_augment import augment_batch, device_augment_for
 from ssl_vit.data.multicrop import MultiCropTransform, blur_kernel_size
 
 MEAN, STD = G.IMAGENET_DEFAULT_MEAN, G.IMAGENET_DEFAULT_STD
@@ -291,27 +292,27 @@ def test_crops_transform_uses_the_cpu_paths_crops_and_returns_uint8():
 
 
 def test_augment_batch_and_device_augment_for():
-    aug = G.device_augment_for(G.MultiCropCrops(8, 4, num_local=1, mean=(0.5,) * 3, std=(0.25,) * 3))
+    aug = device_augment_for(G.MultiCropCrops(8, 4, num_local=1, mean=(0.5,) * 3, std=(0.25,) * 3))
     assert isinstance(aug, G.MultiCropGPUAugment) and aug.std.flatten().tolist() == [0.25] * 3
-    assert G.device_augment_for(MultiCropTransform(8, 4, num_local=1)) is None
-    assert G.device_augment_for(object()) is None  # a transform without a device half
+    assert device_augment_for(MultiCropTransform(8, 4, num_local=1)) is None
+    assert device_augment_for(object()) is None  # a transform without a device half
     uint8_views = MultiCropTransform(8, 4, num_local=1, torch_resize=True, fused_views=True, uint8_views=True)
-    assert type(G.device_augment_for(uint8_views)).__name__ == "NormaliseViews"
+    assert type(device_augment_for(uint8_views)).__name__ == "NormaliseViews"
     labels = torch.arange(3)
     raw = [uint8_batch(3, 8), uint8_batch(3, 8, seed=1), uint8_batch(3, 4)]
-    views, out_labels = G.augment_batch((raw, labels), aug)
+    views, out_labels = augment_batch((raw, labels), aug)
     assert out_labels is labels and [v.dtype for v in views] == [torch.float32] * 3
     assert views[0].min() >= -2 - 1e-5 and views[0].max() <= 2 + 1e-5  # (x - 0.5) / 0.25
     single = (torch.rand(3, 3, 8, 8), labels)
-    assert G.augment_batch(single, aug) is single  # validation batches pass
+    assert augment_batch(single, aug) is single  # validation batches pass
     floats = ([torch.rand(3, 3, 8, 8)] * 2, labels)
-    assert G.augment_batch(floats, None) is floats
+    assert augment_batch(floats, None) is floats
     with pytest.raises(ValueError, match="no device augmentation"):
-        G.augment_batch((raw, labels), None)
+        augment_batch((raw, labels), None)
     with pytest.raises(ValueError, match="already torch.float32"):
-        G.augment_batch(floats, aug)
+        augment_batch(floats, aug)
     with pytest.raises(ValueError, match="mix uint8 and other dtypes"):
-        G.augment_batch(([raw[0], floats[0][0]], labels), aug)
+        augment_batch(([raw[0], floats[0][0]], labels), aug)
     with pytest.raises(ValueError, match="view 1 must be a uint8"):
         aug([raw[0], raw[1][..., :6]])
     with pytest.raises(ValueError, match="std > 0"):
@@ -330,11 +331,11 @@ class _HookedModule(pl.LightningModule):
         self.seen: List[List[torch.dtype]] = []
 
     def setup(self, stage: str) -> None:
-        self.augment = G.device_augment_for(getattr(self.trainer.datamodule, "train_transform", None), seed=0)
+        self.augment = device_augment_for(getattr(self.trainer.datamodule, "train_transform", None), seed=0)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if self._trainer is not None and self.trainer.training:
-            batch = G.augment_batch(batch, self.augment)
+            batch = augment_batch(batch, self.augment)
         return batch
 
     def training_step(self, batch, batch_idx):
