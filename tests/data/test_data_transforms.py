@@ -174,26 +174,31 @@ def test_draft_decoding_keeps_the_output_distribution():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_crop_and_flip_is_the_v2_crop_and_flip_in_the_layout_asked(channels_last):
-    """The direct call of torch's uint8 kernel gives v2's pixels and draws for every box, the full-size
-    box (v2 returns the crop itself) included; ``[C, H, W]``-contiguous views by default (what
-    ``torch.stack`` copies fastest), channels-last ones when asked of a channels-last image."""
-    pixels = random_image(37, 53, seed=4)
-    channels_last_image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
-    images = [channels_last_image, channels_last_image.contiguous()]
-    crops = [v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-             for size, scale in ((24, (0.05, 1.0)), (37, (1.0, 1.0)), (9, (0.05, 0.4)))]
-    flip = v2.RandomHorizontalFlip(0.5)
-    for x in images:
-        for crop in crops:
-            for seed in range(12):
-                torch.manual_seed(seed)
-                got, after = crop_and_flip(x, crop, flip, channels_last=channels_last), torch.rand(1)
-                torch.manual_seed(seed)
-                want, after_v2 = flip(crop(x)), torch.rand(1)
-                assert torch.equal(got, want) and after == after_v2, (tuple(x.stride()), crop.size, seed)
-                if got.shape[-2:] != x.shape[-2:]:  # resampled (not the image itself)
-                    cl = channels_last and x.stride(0) == 1
-                    assert got.stride() == ((1, 3 * got.shape[2], 3) if cl else got.contiguous().stride())
+    """The direct call of torch's uint8 kernel gives v2's pixels and draws for every box, the box of the
+    output's size (v2 returns the crop itself: a whole square image) included; ``[C, H, W]``-contiguous
+    views by default (what ``torch.stack`` copies fastest), channels-last ones when asked of a
+    channels-last image."""
+    def crop(size, scale):
+        return v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+    flip, unresampled = v2.RandomHorizontalFlip(0.5), 0
+    for pixels, crops in ((random_image(37, 53, seed=4), (crop(24, (0.05, 1.0)), crop(9, (0.05, 0.4)))),
+                          (random_image(37, 37, seed=5), (crop(37, (1.0, 1.0)),))):
+        channels_last_image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+        for x in (channels_last_image, channels_last_image.contiguous()):
+            for c in crops:
+                for seed in range(12):
+                    torch.manual_seed(seed)
+                    got, after = crop_and_flip(x, c, flip, channels_last=channels_last), torch.rand(1)
+                    torch.manual_seed(seed)
+                    want, after_v2 = flip(c(x)), torch.rand(1)
+                    assert torch.equal(got, want) and after == after_v2, (tuple(x.stride()), c.size, seed)
+                    if got.shape == x.shape:  # the whole square image: not resampled
+                        unresampled += 1
+                    else:
+                        cl = channels_last and x.stride(0) == 1
+                        assert got.stride() == ((1, 3 * got.shape[2], 3) if cl else got.contiguous().stride())
+    assert unresampled >= 12
 
 
 def test_pretrain_torch_resize_calls_its_chain_directly_with_the_same_draws():
