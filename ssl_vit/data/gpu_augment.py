@@ -50,7 +50,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from ssl_vit.data.multicrop import MultiCropTransform, blur_kernel_size
+from ssl_vit.data.multicrop import MultiCropTransform, blur_kernel_size, normalise_views
 from ssl_vit.data.transforms import crop_and_flip, to_channels_last_uint8
 
 # The CPU path's constants (ssl_vit.data.multicrop; the tests check that both agree).
@@ -273,7 +273,7 @@ def augment_view(x: Tensor, p: ViewParams, kernel_size: int, mean: Tensor, std: 
     x = torch.where(_per_sample(p.grayscale), grayscale(x), x)
     x = torch.where(_per_sample(p.blur), gaussian_blur(x, p.sigma, kernel_size), x)
     x = torch.where(_per_sample(p.solarize) & (x >= SOLARIZE_THRESHOLD), 255.0 - x, x)
-    return (x * (1.0 / 255.0) - mean) / std
+    return normalise_views(x, mean, std)  # the CPU path's operations, in their order
 
 
 @functools.lru_cache(maxsize=None)

@@ -131,7 +131,7 @@ def pil_color_jitter(image: Image.Image, params: Dict[str, Any]) -> Image.Image:
 def normalise_views(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """``uint8`` (or integer-valued float) ``[..., 3, H, W]`` -> float32: ``v2.functional.to_dtype(scale=True)``
     then ``normalize``, the same operations in the same order (in place on a float ``x``); ``mean`` and
-    ``std`` broadcast over the channels (``[3, 1, 1]``)."""
+    ``std`` broadcast over the channels (``[3, 1, 1]``, or ``[1, 3, 1, 1]`` for batches)."""
     return x.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
 
